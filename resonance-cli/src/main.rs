@@ -1,0 +1,223 @@
+//! `resonance`: train, score and run vision-language models on CPU, wgpu or CUDA.
+
+mod backend;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use resonance_models::generate::{generate, SamplingConfig};
+use resonance_models::load::resolve_model;
+use resonance_models::processor::Processor;
+use resonance_models::registry::{architectures, AnyModel};
+use resonance_train::score::{read_score_records, score_records};
+
+use backend::BackendKind;
+
+#[derive(Parser)]
+#[command(
+    name = "resonance",
+    version,
+    about = "Train vision-language models with human preferences"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Log-probabilities of responses given prompts (and images), one JSON line per input line.
+    Score {
+        /// Model directory in Hugging Face layout, or a hub id (e.g. llava-hf/llava-1.5-7b-hf).
+        #[arg(long)]
+        model: String,
+        /// JSONL file: {"image": "a.png", "prompt": "...", "response": "..."} per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// Folder image paths are relative to (default: the data file's folder).
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        /// Where to write the results (default: standard output).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Records per forward pass.
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
+    },
+    /// Generate a response to a prompt (and images).
+    Generate {
+        /// Model directory or hub id.
+        #[arg(long)]
+        model: String,
+        /// Image file(s); repeat for several.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// The user prompt.
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 means greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print a JSON object with the text and the token ids.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
+    },
+    /// List the supported architectures and the config `model_type`s they accept.
+    Models,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(
+    reference: &str,
+    backend: BackendKind,
+) -> Result<(AnyModel, Processor, burn::tensor::Device)> {
+    let device = backend::device(backend)?;
+    let dir = resolve_model(reference)?;
+    tracing::info!(model = %dir.display(), backend = ?backend, "loading");
+    let model = AnyModel::load(&dir, &device).with_context(|| format!("loading {reference}"))?;
+    let processor = Processor::from_dir(&dir, &model)
+        .with_context(|| format!("loading the processor of {reference}"))?;
+    Ok((model, processor, device))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models => {
+            for arch in architectures() {
+                println!(
+                    "{:<32} model_type: {:<16} {}",
+                    arch.name,
+                    arch.model_types.join(", "),
+                    arch.description
+                );
+            }
+            println!(
+                "backends compiled in: {}",
+                backend::compiled_backends().join(", ")
+            );
+            Ok(())
+        }
+        Command::Score {
+            model,
+            data,
+            image_root,
+            output,
+            batch_size,
+            backend,
+        } => {
+            let records = read_score_records(&data)?;
+            let (model, processor, device) = load(&model, backend)?;
+            let root = image_root
+                .unwrap_or_else(|| data.parent().map(Path::to_path_buf).unwrap_or_default());
+            let bar = ProgressBar::new(records.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} scoring {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let outputs = score_records(
+                &model,
+                &processor,
+                &records,
+                &root,
+                batch_size,
+                &device,
+                |n| bar.inc(n as u64),
+            )?;
+            bar.finish_and_clear();
+            let mut text = String::new();
+            for out in &outputs {
+                text.push_str(&serde_json::to_string(out)?);
+                text.push('\n');
+            }
+            match output {
+                Some(path) => write_atomically(&path, text.as_bytes())?,
+                None => std::io::stdout().write_all(text.as_bytes())?,
+            }
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            image,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            json,
+            backend,
+        } => {
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            if temperature < 0.0 {
+                bail!("--temperature must be ≥ 0, got {temperature}");
+            }
+            let (model, processor, device) = load(&model, backend)?;
+            let prompt_text = processor.render_prompt(&prompt, image.len())?;
+            let prompt_ids = processor.prompt_ids(&prompt_text, image.len())?;
+            let pixels = processor.pixel_values(&image, &device)?;
+            let mut eos = processor.tokenizer.eos_token_ids();
+            eos.extend(model.text_config().eos_token_ids.iter().copied());
+            let config = SamplingConfig {
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            };
+            let ids = generate(&model, &prompt_ids, pixels, &eos, &config, &device, |_| {})?;
+            let text = processor.tokenizer.decode(&ids, true)?;
+            if json {
+                let value = serde_json::json!({
+                    "text": text,
+                    "prompt_ids": prompt_ids,
+                    "new_ids": ids,
+                    "finished_with_eos": ids.last().is_some_and(|t| eos.contains(t)),
+                });
+                println!("{}", serde_json::to_string(&value)?);
+            } else {
+                println!("{text}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes through a temporary file and a rename, so a crash never leaves half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-resonance");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

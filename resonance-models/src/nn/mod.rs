@@ -1,0 +1,2 @@
+pub mod attention;
+pub mod rope;

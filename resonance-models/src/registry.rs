@@ -1,0 +1,151 @@
+//! The architectures Resonance implements, and loading any of them from a checkpoint directory.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::llava::config::LlavaConfig;
+use crate::llava::model::{Llava, LlavaInputs};
+use crate::llava::weights::load_llava;
+use crate::load::{model_type, read_config};
+use crate::nn::attention::KvCache;
+use crate::text::config::{DecoderFamily, TextConfig};
+use crate::text::model::{CausalLm, DecoderInputs};
+use crate::text::weights::load_causal_lm;
+
+/// One supported architecture, as `resonance models` lists it.
+#[derive(Debug, Clone)]
+pub struct Architecture {
+    /// transformers class name.
+    pub name: &'static str,
+    /// `model_type` values of `config.json` it accepts.
+    pub model_types: Vec<&'static str>,
+    /// What it is.
+    pub description: &'static str,
+}
+
+/// Every architecture this build can load.
+pub fn architectures() -> Vec<Architecture> {
+    vec![
+        Architecture {
+            name: "LlavaForConditionalGeneration",
+            model_types: vec!["llava"],
+            description: "LLaVA-1.5: CLIP ViT tower + MLP projector + Llama/Mistral/Qwen2 decoder",
+        },
+        Architecture {
+            name: "LlamaForCausalLM",
+            model_types: vec!["llama", "vicuna"],
+            description:
+                "LLaMA 1/2/3 and Vicuna decoders (rope scaling: linear, dynamic, llama3, yarn)",
+        },
+        Architecture {
+            name: "MistralForCausalLM",
+            model_types: vec!["mistral"],
+            description: "Mistral decoder with sliding-window attention",
+        },
+        Architecture {
+            name: "Qwen2ForCausalLM",
+            model_types: vec!["qwen2"],
+            description: "Qwen2 decoder (q/k/v bias, optional sliding window)",
+        },
+    ]
+}
+
+/// A loaded model of any supported architecture.
+#[derive(Debug)]
+pub enum AnyModel {
+    /// A text-only decoder.
+    Text(CausalLm, TextConfig),
+    /// LLaVA.
+    Llava(Box<Llava>, Box<LlavaConfig>),
+}
+
+/// Token ids, mask and images of one forward pass.
+pub struct ModelInputs<'a> {
+    pub input_ids: &'a [Vec<u32>],
+    pub attention_mask: &'a [Vec<bool>],
+    pub pixel_values: Option<Tensor<4>>,
+}
+
+impl AnyModel {
+    /// Loads the checkpoint in `dir` (already resolved, see [`crate::load::resolve_model`]).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = read_config(dir)?;
+        let kind = model_type(&config, dir)?;
+        if kind == "llava" {
+            let (model, config) = load_llava(dir, device)?;
+            return Ok(AnyModel::Llava(Box::new(model), Box::new(config)));
+        }
+        if DecoderFamily::from_model_type(&kind).is_some() {
+            let (model, config) = load_causal_lm(dir, device)?;
+            return Ok(AnyModel::Text(model, config));
+        }
+        let supported: Vec<&str> = architectures()
+            .iter()
+            .flat_map(|a| a.model_types.clone())
+            .collect();
+        Err(ModelError::UnsupportedModelType {
+            path: PathBuf::from(dir).join("config.json"),
+            model_type: kind,
+            supported: supported.join(", "),
+        })
+    }
+
+    /// The decoder that produces logits.
+    pub fn language_model(&self) -> &CausalLm {
+        match self {
+            AnyModel::Text(m, _) => m,
+            AnyModel::Llava(m, _) => &m.language_model,
+        }
+    }
+
+    /// The decoder configuration.
+    pub fn text_config(&self) -> &TextConfig {
+        match self {
+            AnyModel::Text(_, c) => c,
+            AnyModel::Llava(_, c) => &c.text,
+        }
+    }
+
+    /// `(image token id, feature tokens per image)` for models that take images.
+    pub fn image_tokens(&self) -> Option<(u32, usize)> {
+        match self {
+            AnyModel::Text(..) => None,
+            AnyModel::Llava(m, _) => Some((m.settings.image_token_id, m.settings.tokens_per_image)),
+        }
+    }
+
+    /// Logits `[b, t, vocab]`. With a cache, the keys/values of the tokens are kept for decoding.
+    pub fn forward(
+        &self,
+        inputs: ModelInputs,
+        cache: Option<&mut KvCache>,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        match self {
+            AnyModel::Text(model, _) => {
+                if inputs.pixel_values.is_some() {
+                    return Err(ModelError::Input(
+                        "this model is text-only and cannot take images".into(),
+                    ));
+                }
+                let embeds = model.embed(inputs.input_ids, device);
+                let decoder_inputs = DecoderInputs {
+                    attention_mask: inputs.attention_mask,
+                    positions: None,
+                };
+                Ok(model.logits(model.hidden_states(embeds, &decoder_inputs, cache)))
+            }
+            AnyModel::Llava(model, _) => model.forward(
+                &LlavaInputs {
+                    input_ids: inputs.input_ids,
+                    attention_mask: inputs.attention_mask,
+                    pixel_values: inputs.pixel_values,
+                },
+                cache,
+                device,
+            ),
+        }
+    }
+}

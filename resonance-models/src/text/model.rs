@@ -1,0 +1,300 @@
+//! Decoder-only causal language model shared by Llama, Mistral and Qwen2: RMSNorm, rotary
+//! embeddings, grouped-query attention and a gated MLP. Field names follow the transformers
+//! modules so checkpoint keys map one to one.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::config::{Activation, TextConfig};
+use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
+use crate::nn::rope::{apply_rotary, RopeScaling};
+
+/// Applies a configured activation.
+pub fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
+    match act {
+        Activation::Silu => activation::silu(x),
+        Activation::Gelu => activation::gelu(x),
+        Activation::GeluTanh => activation::gelu_approximate(x),
+        Activation::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+        Activation::Relu => activation::relu(x),
+    }
+}
+
+/// Self-attention of one decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+/// The gated feed-forward block `down(act(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct GatedMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: DecoderAttention,
+    pub mlp: GatedMlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    /// Sliding attention window of this layer, if any.
+    #[module(skip)]
+    pub window: Option<usize>,
+}
+
+/// Token embeddings, decoder layers and final norm (`model.*` in checkpoints).
+#[derive(Module, Debug)]
+pub struct DecoderModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// A decoder with its language-model head (`lm_head`, absent when tied to the embeddings).
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    pub model: DecoderModel,
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub rope: RopeScaling,
+}
+
+fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+}
+
+impl DecoderAttention {
+    fn new(config: &TextConfig, device: &Device) -> Self {
+        let h = config.hidden_size;
+        let q_dim = config.num_heads * config.head_dim;
+        let kv_dim = config.num_kv_heads * config.head_dim;
+        DecoderAttention {
+            q_proj: linear(h, q_dim, config.qkv_bias, device),
+            k_proj: linear(h, kv_dim, config.qkv_bias, device),
+            v_proj: linear(h, kv_dim, config.qkv_bias, device),
+            o_proj: linear(q_dim, h, config.o_bias, device),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
+    fn heads(&self, x: Tensor<3>, n: usize) -> Tensor<4> {
+        let [b, t, _] = x.dims();
+        x.reshape([b, t, n, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// `x`: `[b, t, hidden]`; returns `[b, t, hidden]`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<3>, Tensor<3>),
+        mask: Option<burn::tensor::Tensor<4, burn::tensor::Bool>>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = apply_rotary(q, &rope.0, &rope.1);
+        let k = apply_rotary(k, &rope.0, &rope.1);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let out = scaled_attention(
+            q,
+            repeat_kv(k, n_rep),
+            repeat_kv(v, n_rep),
+            mask,
+            1.0 / (self.head_dim as f64).sqrt(),
+        );
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+impl GatedMlp {
+    fn new(config: &TextConfig, device: &Device) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        GatedMlp {
+            gate_proj: linear(h, i, config.mlp_bias, device),
+            up_proj: linear(h, i, config.mlp_bias, device),
+            down_proj: linear(i, h, config.mlp_bias, device),
+            activation: config.activation,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = activate(self.gate_proj.forward(x.clone()), self.activation);
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// Inputs of one decoder forward pass besides the embeddings.
+pub struct DecoderInputs<'a> {
+    /// `attention_mask[b][t]` for the new tokens: `true` for real tokens.
+    pub attention_mask: &'a [Vec<bool>],
+    /// Absolute positions of the new tokens, `None` for `past_len..past_len + t` (what
+    /// transformers uses when `position_ids` is not given).
+    pub positions: Option<&'a [Vec<usize>]>,
+}
+
+impl CausalLm {
+    /// Builds a model with freshly initialised (lazy) parameters for `config`.
+    pub fn new(config: &TextConfig, device: &Device) -> Self {
+        let norm = || {
+            RmsNormConfig::new(config.hidden_size)
+                .with_epsilon(config.rms_norm_eps)
+                .init(device)
+        };
+        let layers = config
+            .layer_windows
+            .iter()
+            .map(|window| DecoderLayer {
+                self_attn: DecoderAttention::new(config, device),
+                mlp: GatedMlp::new(config, device),
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+                window: *window,
+            })
+            .collect();
+        CausalLm {
+            model: DecoderModel {
+                embed_tokens: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
+                    .init(device),
+                layers,
+                norm: norm(),
+            },
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| linear(config.hidden_size, config.vocab_size, false, device)),
+            rope: config.rope.clone(),
+        }
+    }
+
+    /// Embeds token ids `[b, t]` → `[b, t, hidden]`.
+    pub fn embed(&self, ids: &[Vec<u32>], device: &Device) -> Tensor<3> {
+        let b = ids.len();
+        let t = ids.first().map(Vec::len).unwrap_or(0);
+        let flat: Vec<i64> = ids.iter().flatten().map(|&id| id as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), device);
+        self.model.embed_tokens.forward(ids)
+    }
+
+    /// Runs the decoder on embeddings and returns the final hidden states `[b, t, hidden]`.
+    /// With a cache, the new keys/values are appended and attention spans the cached tokens.
+    pub fn hidden_states(
+        &self,
+        embeds: Tensor<3>,
+        inputs: &DecoderInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let device = embeds.device();
+        let [b, t, _] = embeds.dims();
+        let past_len = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let positions: Vec<Vec<usize>> = match (inputs.positions, cache.as_ref()) {
+            (Some(p), _) => p.to_vec(),
+            (None, Some(c)) if !c.next_position.is_empty() => c
+                .next_position
+                .iter()
+                .map(|&start| (start..start + t).collect())
+                .collect(),
+            _ => (0..b).map(|_| (past_len..past_len + t).collect()).collect(),
+        };
+        let key_valid: Vec<Vec<bool>> = match cache.as_deref_mut() {
+            Some(c) => {
+                if c.key_valid.is_empty() {
+                    c.key_valid = vec![Vec::new(); b];
+                }
+                for (row, new) in c.key_valid.iter_mut().zip(inputs.attention_mask) {
+                    row.extend_from_slice(new);
+                }
+                c.next_position = positions
+                    .iter()
+                    .map(|p| p.last().map_or(0, |l| l + 1))
+                    .collect();
+                c.key_valid.clone()
+            }
+            None => inputs.attention_mask.to_vec(),
+        };
+        let spec = MaskSpec::causal(key_valid, past_len, t);
+        let heads = self
+            .model
+            .layers
+            .first()
+            .map(|l| l.self_attn.num_heads)
+            .unwrap_or(1);
+        let full_mask = spec.build(heads, None, &device);
+        let rope = self.rope.tables(&positions, &device);
+
+        let mut x = embeds;
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let mask = match layer.window {
+                Some(w) => spec.build(heads, Some(w), &device),
+                None => full_mask.clone(),
+            };
+            let residual = x.clone();
+            let h = layer.input_layernorm.forward(x);
+            let h = layer
+                .self_attn
+                .forward(h, &rope, mask, cache.as_deref_mut().map(|c| (c, i)));
+            let x_mid = residual + h;
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x_mid.clone()));
+            x = x_mid + h;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let weight = self.model.embed_tokens.weight.val();
+                burn::tensor::module::linear(hidden, weight.transpose(), None)
+            }
+        }
+    }
+
+    /// Full forward from token ids to logits `[b, t, vocab]`.
+    pub fn forward_ids(
+        &self,
+        ids: &[Vec<u32>],
+        attention_mask: &[Vec<bool>],
+        device: &Device,
+    ) -> Tensor<3> {
+        let embeds = self.embed(ids, device);
+        let inputs = DecoderInputs {
+            attention_mask,
+            positions: None,
+        };
+        self.logits(self.hidden_states(embeds, &inputs, None))
+    }
+
+    /// Number of decoder layers (the size a [`KvCache`] needs).
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+}

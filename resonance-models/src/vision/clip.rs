@@ -1,0 +1,292 @@
+//! CLIP vision transformer (`CLIPVisionModel`): patch + class + position embeddings, pre-layernorm,
+//! bidirectional encoder, and the hidden-state selection VLMs use.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+use crate::error::{ModelError, Result};
+use crate::nn::attention::scaled_attention;
+use crate::text::config::Activation;
+use crate::text::model::activate;
+
+/// `vision_config` of a CLIP tower as transformers writes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipVisionConfig {
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_channels")]
+    pub num_channels: usize,
+    #[serde(default = "d_image")]
+    pub image_size: usize,
+    #[serde(default = "d_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_model_type")]
+    pub model_type: String,
+}
+
+// transformers' CLIPVisionConfig defaults (ViT-B/32).
+fn d_hidden() -> usize {
+    768
+}
+fn d_intermediate() -> usize {
+    3072
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_image() -> usize {
+    224
+}
+fn d_patch() -> usize {
+    32
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_model_type() -> String {
+    "clip_vision_model".into()
+}
+
+impl ClipVisionConfig {
+    /// Parses and validates a vision config given as JSON.
+    pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let config: ClipVisionConfig =
+            serde_json::from_value(value.clone()).map_err(|e| ModelError::InvalidConfig {
+                path: path.to_path_buf(),
+                field: "vision_config".into(),
+                message: e.to_string(),
+            })?;
+        let invalid = |field: &str, message: String| ModelError::InvalidConfig {
+            path: path.to_path_buf(),
+            field: format!("vision_config.{field}"),
+            message,
+        };
+        if !matches!(config.model_type.as_str(), "clip_vision_model" | "clip") {
+            return Err(invalid(
+                "model_type",
+                format!(
+                    "`{}` is not a CLIP vision tower (supported: clip_vision_model)",
+                    config.model_type
+                ),
+            ));
+        }
+        if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
+            return Err(invalid(
+                "patch_size",
+                format!(
+                    "{} does not divide image_size {}",
+                    config.patch_size, config.image_size
+                ),
+            ));
+        }
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    config.num_attention_heads, config.hidden_size
+                ),
+            ));
+        }
+        config.activation().map_err(|m| invalid("hidden_act", m))?;
+        Ok(config)
+    }
+
+    /// The encoder MLP activation.
+    pub fn activation(&self) -> std::result::Result<Activation, String> {
+        Activation::parse(&self.hidden_act)
+            .ok_or_else(|| format!("activation `{}` is not supported", self.hidden_act))
+    }
+
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Patch tokens per image (without the class token).
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEmbeddings {
+    pub class_embedding: Param<Tensor<1>>,
+    pub patch_embedding: Conv2d,
+    pub position_embedding: Embedding,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer {
+    pub self_attn: ClipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: ClipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEncoder {
+    pub layers: Vec<ClipEncoderLayer>,
+}
+
+/// `CLIPVisionTransformer` (`vision_model.*` in checkpoints). The misspelt `pre_layrnorm` is the
+/// name transformers uses.
+#[derive(Module, Debug)]
+pub struct ClipVisionTransformer {
+    pub embeddings: ClipEmbeddings,
+    pub pre_layrnorm: LayerNorm,
+    pub encoder: ClipEncoder,
+    pub post_layernorm: LayerNorm,
+}
+
+/// `CLIPVisionModel`.
+#[derive(Module, Debug)]
+pub struct ClipVisionModel {
+    pub vision_model: ClipVisionTransformer,
+}
+
+impl ClipAttention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let d = c / self.num_heads;
+        let split = |y: Tensor<3>| y.reshape([b, t, self.num_heads, d]).swap_dims(1, 2);
+        let q = split(self.q_proj.forward(x.clone()));
+        let k = split(self.k_proj.forward(x.clone()));
+        let v = split(self.v_proj.forward(x));
+        let out = scaled_attention(q, k, v, None, 1.0 / (d as f64).sqrt());
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, c]))
+    }
+}
+
+impl ClipEncoderLayer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let m = self.mlp.fc2.forward(activate(
+            self.mlp.fc1.forward(self.layer_norm2.forward(h.clone())),
+            self.mlp.activation,
+        ));
+        h + m
+    }
+}
+
+impl ClipVisionModel {
+    /// A tower with fresh (lazy) parameters for `config`.
+    pub fn new(config: &ClipVisionConfig, device: &Device) -> Result<Self> {
+        let c = config.hidden_size;
+        let activation = config.activation().map_err(|m| ModelError::Input(m))?;
+        let ln = || {
+            LayerNormConfig::new(c)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device)
+        };
+        let lin = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| ClipEncoderLayer {
+                self_attn: ClipAttention {
+                    q_proj: lin(c, c),
+                    k_proj: lin(c, c),
+                    v_proj: lin(c, c),
+                    out_proj: lin(c, c),
+                    num_heads: config.num_attention_heads,
+                },
+                layer_norm1: ln(),
+                mlp: ClipMlp {
+                    fc1: lin(c, config.intermediate_size),
+                    fc2: lin(config.intermediate_size, c),
+                    activation,
+                },
+                layer_norm2: ln(),
+            })
+            .collect();
+        Ok(ClipVisionModel {
+            vision_model: ClipVisionTransformer {
+                embeddings: ClipEmbeddings {
+                    class_embedding: Param::from_tensor(Tensor::zeros([c], device)),
+                    patch_embedding: Conv2dConfig::new(
+                        [config.num_channels, c],
+                        [config.patch_size, config.patch_size],
+                    )
+                    .with_stride([config.patch_size, config.patch_size])
+                    .with_bias(false)
+                    .init(device),
+                    position_embedding: EmbeddingConfig::new(config.num_patches() + 1, c)
+                        .init(device),
+                },
+                pre_layrnorm: ln(),
+                encoder: ClipEncoder { layers },
+                post_layernorm: ln(),
+            },
+        })
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.vision_model.encoder.layers.len()
+    }
+
+    /// Embeddings after `pre_layrnorm`: `[n, 1 + patches, hidden]` (hidden state 0).
+    pub fn embed(&self, pixel_values: Tensor<4>) -> Tensor<3> {
+        let e = &self.vision_model.embeddings;
+        let patches = e.patch_embedding.forward(pixel_values); // [n, c, gh, gw]
+        let [n, c, gh, gw] = patches.dims();
+        let patches = patches.reshape([n, c, gh * gw]).swap_dims(1, 2);
+        let class = e.class_embedding.val().reshape([1, 1, c]).expand([n, 1, c]);
+        let tokens = Tensor::cat(vec![class, patches], 1);
+        let positions = e.position_embedding.weight.val().unsqueeze_dim::<3>(0);
+        self.vision_model.pre_layrnorm.forward(tokens + positions)
+    }
+
+    /// Hidden states `0..=up_to` as transformers' `output_hidden_states` numbers them (0 is the
+    /// embedding output, `i` the output of layer `i - 1`); layers past `up_to` are not run.
+    pub fn hidden_states(&self, pixel_values: Tensor<4>, up_to: usize) -> Vec<Tensor<3>> {
+        let mut states = vec![self.embed(pixel_values)];
+        for layer in self.vision_model.encoder.layers.iter().take(up_to) {
+            let next = layer.forward(states.last().expect("embedding state").clone());
+            states.push(next);
+        }
+        states
+    }
+}

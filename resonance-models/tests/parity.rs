@@ -1,0 +1,94 @@
+//! Logits of every fixture model against transformers (fixtures/generate.py), within 1e-4 in f32.
+
+mod common;
+
+use burn::tensor::Device;
+use common::*;
+use resonance_models::registry::{AnyModel, ModelInputs};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn check_model(name: &str, device: &Device) -> f32 {
+    check_model_against(name, name, device)
+}
+
+/// Loads `name` and compares with the expected outputs stored beside `reference`.
+fn check_model_against(name: &str, reference: &str, device: &Device) -> f32 {
+    let dir = fixtures().join(name);
+    let expected = read_tensors(&fixtures().join(reference).join("expected.safetensors"));
+    let ids = rows_u32(&expected["input_ids"]);
+    let mask = rows_bool(&expected["attention_mask"]);
+    let pixel_values = expected.get("pixel_values").map(|p| tensor4(p, device));
+    let model = AnyModel::load(&dir, device).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits = model
+        .forward(
+            ModelInputs {
+                input_ids: &ids,
+                attention_mask: &mask,
+                pixel_values,
+            },
+            None,
+            device,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reference = &expected["logits"];
+    assert_eq!(
+        logits.dims().to_vec(),
+        reference.shape,
+        "{name}: logits shape"
+    );
+    let vocab = reference.shape[2];
+    let diff = max_masked_diff(&host(logits), &reference.floats, &mask, vocab);
+    println!("{name}: max |Δlogits| = {diff:.3e}");
+    assert!(
+        diff <= TOLERANCE,
+        "{name}: max |Δlogits| = {diff} > {TOLERANCE}"
+    );
+    diff
+}
+
+#[test]
+fn llama_logits_match_transformers() {
+    check_model("tiny-llama", &Device::flex());
+}
+
+#[test]
+fn llama3_rope_logits_match_transformers() {
+    check_model("tiny-llama3-rope", &Device::flex());
+}
+
+#[test]
+fn linear_rope_logits_match_transformers() {
+    check_model("tiny-llama-linear-rope", &Device::flex());
+}
+
+#[test]
+fn mistral_sliding_window_logits_match_transformers() {
+    check_model("tiny-mistral", &Device::flex());
+}
+
+#[test]
+fn qwen2_logits_match_transformers() {
+    check_model("tiny-qwen2", &Device::flex());
+}
+
+#[test]
+fn llava_logits_match_transformers() {
+    check_model("tiny-llava", &Device::flex());
+}
+
+#[test]
+fn sharded_llava_logits_match_transformers() {
+    // The sharded folder holds tiny-llava's exact weights split into shards.
+    check_model_against("tiny-llava-sharded", "tiny-llava", &Device::flex());
+}
+
+#[test]
+fn llava_full_strategy_qwen2_logits_match_transformers() {
+    check_model("tiny-llava-full", &Device::flex());
+}
+
+#[test]
+fn dynamic_rope_logits_match_transformers() {
+    check_model("tiny-llama-dynamic-rope", &Device::flex());
+}

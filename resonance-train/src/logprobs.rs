@@ -1,0 +1,58 @@
+//! Per-token log-probabilities of given continuations: the quantity every preference loss and
+//! the `score` command are built on.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// Log-probabilities of `targets` under `logits`.
+///
+/// `logits`: `[b, t, vocab]`; `targets[b]` lists `(position, token)` pairs, meaning the token at
+/// `position + 1` was predicted from the logits at `position`. Returns one vector per row, in the
+/// order of `targets[b]`.
+pub fn token_logprobs(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Vec<Vec<f32>> {
+    let [b, t, _] = logits.dims();
+    let device = logits.device();
+    let logp = log_softmax(logits, 2);
+    // Gather the target column at every position (0 where unused), then read the needed ones.
+    let mut index = vec![0i64; b * t];
+    for (row, pairs) in targets.iter().enumerate() {
+        for &(pos, token) in pairs {
+            index[row * t + pos] = token as i64;
+        }
+    }
+    let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
+    let picked = logp.gather(2, index).reshape([b, t]);
+    let values = picked
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap_or_else(|_| vec![f32::NAN; b * t]);
+    targets
+        .iter()
+        .enumerate()
+        .map(|(row, pairs)| {
+            pairs
+                .iter()
+                .map(|&(pos, _)| values[row * t + pos])
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn picks_log_softmax_of_the_target() {
+        let device = Device::flex();
+        let logits = Tensor::<3>::from_data(
+            TensorData::new(vec![0.0f32, 1.0, 2.0, 3.0, 3.0, 3.0], [1, 2, 3]),
+            &device,
+        );
+        let out = token_logprobs(logits, &[vec![(0, 2), (1, 0)]]);
+        let z0 = (1.0f32 + 1f32.exp() + 2f32.exp()).ln();
+        assert!((out[0][0] - (2.0 - z0)).abs() < 1e-6);
+        assert!((out[0][1] - (1.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,156 @@
+//! `resonance score`: log-probabilities of responses given prompts (and images), with TRL's
+//! prompt/completion contract. Also how reference log-probs are precomputed for DPO.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use resonance_models::processor::Processor;
+use resonance_models::registry::{AnyModel, ModelInputs};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Result, TrainError};
+use crate::logprobs::token_logprobs;
+
+/// One input line of `score`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRecord {
+    /// One image path (relative to the image root).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Several image paths.
+    #[serde(default)]
+    pub images: Option<Vec<String>>,
+    /// The user prompt.
+    pub prompt: String,
+    /// The response to score.
+    pub response: String,
+    /// Extra fields carried through untouched (ids, metadata).
+    #[serde(default)]
+    pub id: Option<Value>,
+}
+
+impl ScoreRecord {
+    /// The record's image paths, in order.
+    pub fn image_paths(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.image.iter().map(String::as_str).collect();
+        if let Some(list) = &self.images {
+            out.extend(list.iter().map(String::as_str));
+        }
+        out
+    }
+}
+
+/// One output line of `score`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScoreOutput {
+    /// Sum of the response tokens' log-probabilities (EOS included).
+    pub logprob: f64,
+    /// Number of response tokens.
+    pub num_tokens: usize,
+    /// Log-probability of each response token.
+    pub token_logprobs: Vec<f32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<Value>,
+}
+
+/// Reads a JSONL file of [`ScoreRecord`]s; errors name the file, line and problem.
+pub fn read_score_records(path: &Path) -> Result<Vec<ScoreRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: ScoreRecord = serde_json::from_str(line).map_err(|e| TrainError::Record {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        if record.image.is_some() && record.images.is_some() {
+            return Err(TrainError::Record {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: "give either `image` or `images`, not both".into(),
+            });
+        }
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Scores records in batches of `batch_size` (right-padded, so padding never changes the
+/// scores). `line_of(i)` names record `i` in errors.
+pub fn score_records(
+    model: &AnyModel,
+    processor: &Processor,
+    records: &[ScoreRecord],
+    image_root: &Path,
+    batch_size: usize,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<ScoreOutput>> {
+    let pad = processor
+        .tokenizer
+        .pad_token_id()
+        .or(processor.tokenizer.eos_token_id())
+        .unwrap_or(0);
+    let mut outputs = Vec::with_capacity(records.len());
+    for (chunk_index, chunk) in records.chunks(batch_size.max(1)).enumerate() {
+        let mut rows = Vec::new();
+        let mut images: Vec<PathBuf> = Vec::new();
+        for (offset, record) in chunk.iter().enumerate() {
+            let index = chunk_index * batch_size.max(1) + offset;
+            let paths = record.image_paths();
+            let encoded = processor
+                .encode_pair(&record.prompt, &record.response, paths.len())
+                .map_err(|e| TrainError::Input(format!("record {}: {e}", index + 1)))?;
+            images.extend(paths.iter().map(|p| image_root.join(p)));
+            rows.push(encoded);
+        }
+        let width = rows
+            .iter()
+            .map(|r| r.prompt_ids.len() + r.response_ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        let mut targets = Vec::new();
+        for row in &rows {
+            let mut seq = row.prompt_ids.clone();
+            seq.extend(&row.response_ids);
+            let len = seq.len();
+            let start = row.prompt_ids.len();
+            targets.push((start..len).map(|p| (p - 1, seq[p])).collect::<Vec<_>>());
+            seq.resize(width, pad);
+            let mut valid = vec![true; len];
+            valid.resize(width, false);
+            ids.push(seq);
+            mask.push(valid);
+        }
+        let pixel_values = processor.pixel_values(&images, device)?;
+        let logits = model.forward(
+            ModelInputs {
+                input_ids: &ids,
+                attention_mask: &mask,
+                pixel_values,
+            },
+            None,
+            device,
+        )?;
+        for (record, logps) in chunk.iter().zip(token_logprobs(logits, &targets)) {
+            outputs.push(ScoreOutput {
+                logprob: logps.iter().map(|&v| v as f64).sum(),
+                num_tokens: logps.len(),
+                token_logprobs: logps,
+                id: record.id.clone(),
+            });
+        }
+        progress(chunk.len());
+    }
+    Ok(outputs)
+}
