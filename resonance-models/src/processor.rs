@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use resonance_core::{
-    expand_image_tokens, load_image, ChatTemplate, ClipImageProcessor, TextTokenizer,
+    expand_image_tokens, load_image_with, AlphaMode, ChatTemplate, ClipImageProcessor, LoadOptions,
+    TextTokenizer,
 };
 use serde_json::{json, Value};
 
@@ -132,7 +133,17 @@ impl Processor {
         let mut data = Vec::new();
         let mut size = None;
         for path in images {
-            let pixels = processor.preprocess(&load_image(path)?)?;
+            // The image processor's `do_convert_rgb` composites transparent images onto white
+            // (transformers 5's `convert_to_rgb`), which is what a PIL image from a dataset meets.
+            let options = LoadOptions {
+                alpha: if processor.config().do_convert_rgb {
+                    AlphaMode::CompositeOnWhite
+                } else {
+                    AlphaMode::Drop
+                },
+                ..LoadOptions::default()
+            };
+            let pixels = processor.preprocess(&load_image_with(path, &options)?)?;
             let shape = (pixels.channels, pixels.height, pixels.width);
             if *size.get_or_insert(shape) != shape {
                 return Err(ModelError::Input(format!(
