@@ -29,7 +29,11 @@ fn measure(name: &str, device: &Device, repeats: usize) {
     let model = CausalLm::new(&config, device);
     let (batch, seq) = (1, 256);
     let ids: Vec<Vec<u32>> = (0..batch)
-        .map(|b| (0..seq).map(|t| ((b * 7919 + t * 104_729) % 32000) as u32).collect())
+        .map(|b| {
+            (0..seq)
+                .map(|t| ((b * 7919 + t * 104_729) % 32000) as u32)
+                .collect()
+        })
         .collect();
     let mask = vec![vec![true; seq]; batch];
     // Warm-up (lazy parameter initialisation, allocator pools).

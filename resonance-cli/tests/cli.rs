@@ -37,7 +37,10 @@ fn demo_score_writes_one_line_per_record() {
     ]);
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     for line in &lines {
         let n = line["num_tokens"].as_u64().unwrap() as usize;
@@ -66,7 +69,8 @@ fn generate_json_matches_transformers_greedy_ids() {
     assert!(ok, "{err}");
     let value: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/tiny-llava/generate_expected.json")).unwrap(),
+        &std::fs::read_to_string(root().join("fixtures/tiny-llava/generate_expected.json"))
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(value["new_ids"], expected["new_ids"]);
@@ -76,8 +80,18 @@ fn generate_json_matches_transformers_greedy_ids() {
 fn missing_image_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d.jsonl");
-    std::fs::write(&data, "{\"image\": \"nope.png\", \"prompt\": \"a\", \"response\": \"b\"}\n").unwrap();
-    let (ok, _, err) = resonance(&["score", "--model", "fixtures/tiny-llava", "--data", data.to_str().unwrap()]);
+    std::fs::write(
+        &data,
+        "{\"image\": \"nope.png\", \"prompt\": \"a\", \"response\": \"b\"}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = resonance(&[
+        "score",
+        "--model",
+        "fixtures/tiny-llava",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("nope.png"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -102,7 +116,10 @@ fn image_for_a_text_only_model_is_refused() {
 fn unknown_model_reference_is_explained() {
     let (ok, _, err) = resonance(&["generate", "--model", "nobody/nothing", "--prompt", "hi"]);
     assert!(!ok);
-    assert!(err.contains("nobody/nothing") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("nobody/nothing") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }
 
 #[test]

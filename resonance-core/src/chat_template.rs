@@ -388,9 +388,7 @@ fn python_formatter(
     value: &Value,
 ) -> std::result::Result<(), Error> {
     match value.kind() {
-        ValueKind::String | ValueKind::Undefined => {
-            minijinja::escape_formatter(out, state, value)
-        }
+        ValueKind::String | ValueKind::Undefined => minijinja::escape_formatter(out, state, value),
         ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
             let mut s = String::new();
             pyfmt::py_str(value, &mut s);
@@ -446,10 +444,11 @@ fn tojson_filter(value: &Value, args: Rest<Value>) -> std::result::Result<Value,
         positional.next(),
         positional.next(),
     );
-    let pick = |positional: Option<Value>, name: &str| -> std::result::Result<Option<Value>, Error> {
-        let kw: Option<Value> = kwargs.get(name)?;
-        Ok(kw.or(positional))
-    };
+    let pick =
+        |positional: Option<Value>, name: &str| -> std::result::Result<Option<Value>, Error> {
+            let kw: Option<Value> = kwargs.get(name)?;
+            Ok(kw.or(positional))
+        };
     let ensure_ascii = pick(ensure_ascii, "ensure_ascii")?.is_some_and(|v| v.is_true());
     let indent = match pick(indent, "indent")? {
         None => None,
@@ -459,7 +458,10 @@ fn tojson_filter(value: &Value, args: Rest<Value>) -> std::result::Result<Value,
             ValueKind::Bool => " ".repeat(usize::from(v.is_true())),
             ValueKind::Number => {
                 let n = i64::try_from(v.clone()).map_err(|_| {
-                    Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer")
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an integer",
+                    )
                 })?;
                 " ".repeat(n.max(0) as usize)
             }
@@ -586,9 +588,18 @@ mod tests {
         let with_ids = t
             .render(&msgs, false, Some(&json!({"add_vision_id": true})))
             .unwrap();
-        assert!(with_ids.contains("Picture 1: <|vision_start|>"), "{with_ids}");
-        assert!(with_ids.contains("Picture 2: <|vision_start|>"), "{with_ids}");
-        assert!(with_ids.contains("Video 1: <|vision_start|><|video_pad|>"), "{with_ids}");
+        assert!(
+            with_ids.contains("Picture 1: <|vision_start|>"),
+            "{with_ids}"
+        );
+        assert!(
+            with_ids.contains("Picture 2: <|vision_start|>"),
+            "{with_ids}"
+        );
+        assert!(
+            with_ids.contains("Video 1: <|vision_start|><|video_pad|>"),
+            "{with_ids}"
+        );
         assert!(!with_ids.ends_with("assistant\n"));
     }
 
@@ -632,7 +643,11 @@ mod tests {
         // Block tags on their own lines leave no blank lines or indentation behind.
         let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n<u>{{ m.content }}</u>\n    {% endif %}\n{% endfor %}\n";
         let out = tmpl(src)
-            .render(&json!([{"role": "user", "content": "a"}, {"role": "x", "content": "b"}]), false, None)
+            .render(
+                &json!([{"role": "user", "content": "a"}, {"role": "x", "content": "b"}]),
+                false,
+                None,
+            )
             .unwrap();
         assert_eq!(out, "<u>a</u>\n");
     }
@@ -654,7 +669,8 @@ mod tests {
     #[test]
     fn tojson_follows_python_json_dumps() {
         let src = "{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}|{{ {'é': 1} | tojson(ensure_ascii=true) }}|{{ {'b': 1, 'a': [1, 2]} | tojson(separators=(',', ':'), sort_keys=true) }}";
-        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"x": 1.5}}}]);
+        let tools =
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"x": 1.5}}}]);
         let out = tmpl(src)
             .render(&json!([]), false, Some(&json!({"tools": tools})))
             .unwrap();
@@ -682,15 +698,21 @@ mod tests {
 
     #[test]
     fn strftime_now_is_available() {
-        let out = tmpl("{{ strftime_now('%Y') }}").render(&json!([]), false, None).unwrap();
+        let out = tmpl("{{ strftime_now('%Y') }}")
+            .render(&json!([]), false, None)
+            .unwrap();
         assert_eq!(out.len(), 4);
         assert!(out.starts_with("20"), "{out}");
     }
 
     #[test]
     fn errors_name_origin_and_line() {
-        let err = ChatTemplate::from_source("dir/chat_template.jinja", "line one\n{% if %}", SpecialTokens::default())
-            .unwrap_err();
+        let err = ChatTemplate::from_source(
+            "dir/chat_template.jinja",
+            "line one\n{% if %}",
+            SpecialTokens::default(),
+        )
+        .unwrap_err();
         match &err {
             CoreError::Template { origin, line, .. } => {
                 assert_eq!(origin, "dir/chat_template.jinja");
@@ -699,10 +721,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let t = tmpl("a\nb\n{{ messages[0].content.nope.x }}");
-        let err = t.render(&json!([{"role": "user", "content": "c"}]), false, None).unwrap_err();
-        assert!(matches!(err, CoreError::Template { line: Some(3), .. }), "{err:?}");
+        let err = t
+            .render(&json!([{"role": "user", "content": "c"}]), false, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, CoreError::Template { line: Some(3), .. }),
+            "{err:?}"
+        );
 
-        let err = tmpl("x").render(&json!({"role": "user"}), false, None).unwrap_err();
+        let err = tmpl("x")
+            .render(&json!({"role": "user"}), false, None)
+            .unwrap_err();
         assert!(matches!(err, CoreError::InvalidInput(_)));
         let err = tmpl("x")
             .render(&json!([]), false, Some(&json!({"messages": []})))
@@ -713,10 +742,15 @@ mod tests {
     #[test]
     fn generation_tags_are_rewritten_with_whitespace_control() {
         assert_eq!(
-            rewrite_generation_tags("a{%- generation -%}b{% endgeneration %}c{% if x %}{%+endgeneration+%}"),
+            rewrite_generation_tags(
+                "a{%- generation -%}b{% endgeneration %}c{% if x %}{%+endgeneration+%}"
+            ),
             "a{%- if true -%}b{% endif %}c{% if x %}{%+ endif +%}"
         );
-        assert_eq!(rewrite_generation_tags("no tags {{ x }} {% unclosed"), "no tags {{ x }} {% unclosed");
+        assert_eq!(
+            rewrite_generation_tags("no tags {{ x }} {% unclosed"),
+            "no tags {{ x }} {% unclosed"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) {
@@ -746,7 +780,9 @@ mod tests {
         );
         let t = ChatTemplate::from_dir(&d).unwrap().unwrap();
         assert_eq!(t.render(&json!([]), false, None).unwrap(), "<s>D");
-        assert!(t.origin().ends_with("tokenizer_config.json (chat_template \"default\")"));
+        assert!(t
+            .origin()
+            .ends_with("tokenizer_config.json (chat_template \"default\")"));
         write(&d, "processor_config.json", r#"{"chat_template": "P"}"#);
         assert_eq!(ChatTemplate::from_dir(&d).unwrap().unwrap().source(), "P");
         write(&d, "chat_template.json", r#"{"chat_template": "J"}"#);
@@ -760,13 +796,27 @@ mod tests {
         let bad = temp_dir();
         write(&bad, "chat_template.json", r#"{"template": "x"}"#);
         let err = ChatTemplate::from_dir(&bad).unwrap_err();
-        assert!(err.to_string().ends_with("chat_template.json: missing field `chat_template`"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("chat_template.json: missing field `chat_template`"),
+            "{err}"
+        );
         let bad = temp_dir();
-        write(&bad, "tokenizer_config.json", r#"{"chat_template": [{"name": "x", "template": "y"}]}"#);
+        write(
+            &bad,
+            "tokenizer_config.json",
+            r#"{"chat_template": [{"name": "x", "template": "y"}]}"#,
+        );
         let err = ChatTemplate::from_dir(&bad).unwrap_err();
-        assert!(err.to_string().contains("none is called \"default\""), "{err}");
+        assert!(
+            err.to_string().contains("none is called \"default\""),
+            "{err}"
+        );
         let bad = temp_dir();
         write(&bad, "tokenizer_config.json", "{\"chat_template\": 3,}");
-        assert!(matches!(ChatTemplate::from_dir(&bad).unwrap_err(), CoreError::Json { line: 1, .. }));
+        assert!(matches!(
+            ChatTemplate::from_dir(&bad).unwrap_err(),
+            CoreError::Json { line: 1, .. }
+        ));
     }
 }

@@ -214,8 +214,13 @@ mod tests {
     fn missing_file_is_io_error_naming_the_path() {
         let err = read_json(Path::new("/nonexistent/dir/config.json")).unwrap_err();
         assert!(matches!(err, CoreError::Io { .. }));
-        assert!(err.to_string().starts_with("/nonexistent/dir/config.json: "));
-        assert_eq!(read_json_opt(Path::new("/nonexistent/x.json")).unwrap(), None);
+        assert!(err
+            .to_string()
+            .starts_with("/nonexistent/dir/config.json: "));
+        assert_eq!(
+            read_json_opt(Path::new("/nonexistent/x.json")).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -23,9 +23,10 @@
 //!   zero padding split `floor` left/top; rescale and normalise **fused** in `f32`:
 //!   `(x - mean*255) / (std*255)` with `mean*255` and `std*255` computed in `f32`
 //!   (transformers' `_fuse_mean_std_and_rescale_factor`, then `tvF.normalize`).
-//! * [`ProcessorBackend::Pil`]: transformers' PIL/NumPy processors: `Image.resize` (Pillow's
+//! * [`ProcessorBackend::Pil`]: transformers' PIL/NumPy processors: `Image.resize` (Pillow 13's
 //!   `Resample.c`: separable, support scaled by the downscale factor, 22-bit fixed-point
-//!   coefficients, clamping to `uint8` between passes); centre crop with `ceil` padding
+//!   coefficients, clamping to `uint8` between passes, pass order as documented on [`resize`]);
+//!   centre crop with `ceil` padding
 //!   top/left; rescale in `f64` then cast to `f32` (`image.astype(float64) * scale`), then
 //!   `(x - mean) / std` in `f32`.
 //!
@@ -177,8 +178,8 @@ fn decode_with_label(bytes: &[u8], options: &LoadOptions, label: &Path) -> Resul
         .into_decoder()
         .map_err(|e| err(format!("not a decodable image ({e})")))?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut img =
-        DynamicImage::from_decoder(decoder).map_err(|e| err(format!("not a decodable image ({e})")))?;
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| err(format!("not a decodable image ({e})")))?;
     if options.apply_exif_orientation {
         img.apply_orientation(orientation);
     }
@@ -415,7 +416,12 @@ fn round_half_away(v: f64) -> i32 {
 
 /// Coefficients for resizing `in_size` samples to `out_size` (antialiased: the kernel is
 /// stretched by the downscale factor), as both Pillow and PyTorch compute them.
-fn coefficients(in_size: usize, out_size: usize, filter: Resample, backend: ProcessorBackend) -> Coeffs {
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: Resample,
+    backend: ProcessorBackend,
+) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
@@ -466,7 +472,10 @@ fn coefficients(in_size: usize, out_size: usize, filter: Resample, backend: Proc
         }
     };
     let factor = f64::from(1u32 << precision);
-    let weights = float_w.iter().map(|&w| round_half_away(w * factor)).collect();
+    let weights = float_w
+        .iter()
+        .map(|&w| round_half_away(w * factor))
+        .collect();
     Coeffs {
         bounds,
         weights,
@@ -476,7 +485,13 @@ fn coefficients(in_size: usize, out_size: usize, filter: Resample, backend: Proc
 }
 
 /// One separable pass over interleaved RGB rows. `horizontal` resamples along x.
-fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, c: &Coeffs, horizontal: bool) -> RgbImage {
+fn resample_pass(
+    src: &RgbImage,
+    out_w: usize,
+    out_h: usize,
+    c: &Coeffs,
+    horizontal: bool,
+) -> RgbImage {
     let mut out = vec![0u8; out_w * out_h * 3];
     let half = 1i64 << (c.precision.max(1) - 1);
     let half = if c.precision == 0 { 0 } else { half };
@@ -493,13 +508,13 @@ fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, c: &Coeffs, horizon
                 } else {
                     (start + t) * row + x * 3
                 };
-                for ch in 0..3 {
-                    acc[ch] += i64::from(src.data[base + ch]) * i64::from(w);
+                for (a, &v) in acc.iter_mut().zip(&src.data[base..base + 3]) {
+                    *a += i64::from(v) * i64::from(w);
                 }
             }
             let o = (y * out_w + x) * 3;
-            for ch in 0..3 {
-                out[o + ch] = (acc[ch] >> c.precision).clamp(0, 255) as u8;
+            for (dst, a) in out[o..o + 3].iter_mut().zip(acc) {
+                *dst = (a >> c.precision).clamp(0, 255) as u8;
             }
         }
     }
@@ -510,8 +525,11 @@ fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, c: &Coeffs, horizon
     }
 }
 
-/// Resizes an RGB image to `width` x `height` as the chosen backend does (horizontal pass,
-/// then vertical pass, each skipped when that dimension is unchanged).
+/// Resizes an RGB image to `width` x `height` as the chosen backend does: two separable passes,
+/// each skipped when that dimension is unchanged. PyTorch always runs the horizontal pass first;
+/// Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+/// pixels as the width (`in_h - out_h > 2 * (in_w - out_w)`), horizontal first otherwise
+/// (Pillow 12 and older: always horizontal first; results can differ by a level or two).
 pub fn resize(
     img: &RgbImage,
     width: usize,
@@ -525,14 +543,32 @@ pub fn resize(
             img.width, img.height
         )));
     }
-    let mut cur = img.clone();
-    if width != img.width {
+    let dh = img.height as i64 - height as i64;
+    let dw = img.width as i64 - width as i64;
+    let vertical_first = backend == ProcessorBackend::Pil && dh > 0 && dh > 2 * dw;
+    let horizontal = |cur: &RgbImage| {
         let c = coefficients(img.width, width, filter, backend);
-        cur = resample_pass(&cur, width, cur.height, &c, true);
-    }
-    if height != img.height {
+        resample_pass(cur, width, cur.height, &c, true)
+    };
+    let vertical = |cur: &RgbImage| {
         let c = coefficients(img.height, height, filter, backend);
-        cur = resample_pass(&cur, cur.width, height, &c, false);
+        resample_pass(cur, cur.width, height, &c, false)
+    };
+    let mut cur = img.clone();
+    if vertical_first {
+        if height != img.height {
+            cur = vertical(&cur);
+        }
+        if width != img.width {
+            cur = horizontal(&cur);
+        }
+    } else {
+        if width != img.width {
+            cur = horizontal(&cur);
+        }
+        if height != img.height {
+            cur = vertical(&cur);
+        }
     }
     Ok(cur)
 }
@@ -540,7 +576,11 @@ pub fn resize(
 /// transformers' `get_resize_output_image_size(size=shortest_edge, default_to_square=False)`:
 /// the short side becomes `shortest_edge`, the long side `int(shortest_edge * long / short)`.
 /// Returns `(height, width)`.
-pub fn shortest_edge_output_size(height: usize, width: usize, shortest_edge: usize) -> (usize, usize) {
+pub fn shortest_edge_output_size(
+    height: usize,
+    width: usize,
+    shortest_edge: usize,
+) -> (usize, usize) {
     let (short, long) = if width <= height {
         (width, height)
     } else {
@@ -578,7 +618,12 @@ pub fn pad_to_square(img: &RgbImage, color: [u8; 3]) -> RgbImage {
 
 /// Centre crop to `crop_h` x `crop_w`, padding with zeros where the image is smaller, as the
 /// chosen backend does (see the module documentation for how the two place the padding).
-pub fn center_crop(img: &RgbImage, crop_h: usize, crop_w: usize, backend: ProcessorBackend) -> RgbImage {
+pub fn center_crop(
+    img: &RgbImage,
+    crop_h: usize,
+    crop_w: usize,
+    backend: ProcessorBackend,
+) -> RgbImage {
     let (h, w) = (img.height as i64, img.width as i64);
     let (ch, cw) = (crop_h as i64, crop_w as i64);
     // Offset of the crop window in image coordinates (may be negative = padding).
@@ -681,10 +726,19 @@ pub struct ImageProcessorConfig {
     pub image_processor_type: Option<String>,
 }
 
-/// OpenAI CLIP's normalisation mean.
-pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP's normalisation standard deviation.
-pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+/// OpenAI CLIP's normalisation mean (the Python floats, rounded to `f32` as `torch.tensor`
+/// and NumPy `float32` round them).
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [
+    0.481_454_66_f64 as f32,
+    0.457_827_5_f64 as f32,
+    0.408_210_73_f64 as f32,
+];
+/// OpenAI CLIP's normalisation standard deviation (rounded like [`OPENAI_CLIP_MEAN`]).
+pub const OPENAI_CLIP_STD: [f32; 3] = [
+    0.268_629_54_f64 as f32,
+    0.261_302_58_f64 as f32,
+    0.275_777_11_f64 as f32,
+];
 
 impl Default for ImageProcessorConfig {
     /// `CLIPImageProcessor`'s class defaults.
@@ -768,7 +822,10 @@ impl FieldReader<'_> {
                 }
                 Ok(Some(out))
             }
-            Some(v) => Err(self.err(field, format!("expected a number or a list of 3 numbers, got {v}"))),
+            Some(v) => Err(self.err(
+                field,
+                format!("expected a number or a list of 3 numbers, got {v}"),
+            )),
         }
     }
 }
@@ -809,9 +866,14 @@ impl ImageProcessorConfig {
             ));
         };
         let r = FieldReader { obj, path, prefix };
-        let ty = r.get("image_processor_type").and_then(Value::as_str).map(str::to_string);
+        let ty = r
+            .get("image_processor_type")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let is_siglip = ty.as_deref().is_some_and(|t| t.starts_with("Siglip"));
-        let is_llava = ty.as_deref().is_some_and(|t| t.starts_with("LlavaImageProcessor"));
+        let is_llava = ty
+            .as_deref()
+            .is_some_and(|t| t.starts_with("LlavaImageProcessor"));
         let mut cfg = ImageProcessorConfig::default();
         if is_siglip {
             cfg.size = ResizeTarget::Exact {
@@ -848,7 +910,12 @@ impl ImageProcessorConfig {
                         }
                     }
                 }
-                other => return Err(r.err("size", format!("expected an integer or an object, got {other}"))),
+                other => {
+                    return Err(r.err(
+                        "size",
+                        format!("expected an integer or an object, got {other}"),
+                    ))
+                }
             };
         }
         if let Some(v) = r.get("resample") {
@@ -880,10 +947,16 @@ impl ImageProcessorConfig {
                         path: path.to_path_buf(),
                         field: r.name("crop_size.width"),
                     })?;
-                    (r.positive(h, "crop_size.height")?, r.positive(w, "crop_size.width")?)
+                    (
+                        r.positive(h, "crop_size.height")?,
+                        r.positive(w, "crop_size.width")?,
+                    )
                 }
                 other => {
-                    return Err(r.err("crop_size", format!("expected an integer or an object, got {other}")))
+                    return Err(r.err(
+                        "crop_size",
+                        format!("expected an integer or an object, got {other}"),
+                    ))
                 }
             };
         }
@@ -903,7 +976,7 @@ impl ImageProcessorConfig {
             cfg.image_mean = m;
         }
         if let Some(s) = r.triple("image_std")? {
-            if s.iter().any(|&x| x == 0.0) {
+            if s.contains(&0.0) {
                 return Err(r.err("image_std", "must not contain 0"));
             }
             cfg.image_std = s;
@@ -914,7 +987,9 @@ impl ImageProcessorConfig {
         let aspect_pad = match r.get("image_aspect_ratio") {
             None => false,
             Some(Value::String(s)) => s == "pad",
-            Some(v) => return Err(r.err("image_aspect_ratio", format!("expected a string, got {v}"))),
+            Some(v) => {
+                return Err(r.err("image_aspect_ratio", format!("expected a string, got {v}")))
+            }
         };
         let do_pad = r.bool("do_pad")?.unwrap_or(false);
         cfg.pad_to_square = aspect_pad || (is_llava && do_pad);
@@ -984,7 +1059,9 @@ impl ClipImageProcessor {
     pub fn prepare(&self, img: &RgbImage) -> Result<RgbImage> {
         let c = &self.config;
         if img.width == 0 || img.height == 0 {
-            return Err(CoreError::InvalidInput("cannot preprocess an empty image".into()));
+            return Err(CoreError::InvalidInput(
+                "cannot preprocess an empty image".into(),
+            ));
         }
         let mut cur = img.clone();
         if c.pad_to_square {
@@ -993,7 +1070,9 @@ impl ClipImageProcessor {
         }
         if c.do_resize {
             let (h, w) = match c.size {
-                ResizeTarget::ShortestEdge(se) => shortest_edge_output_size(cur.height, cur.width, se),
+                ResizeTarget::ShortestEdge(se) => {
+                    shortest_edge_output_size(cur.height, cur.width, se)
+                }
                 ResizeTarget::Exact { height, width } => (height, width),
             };
             cur = resize(&cur, w, h, c.resample, self.backend)?;
@@ -1081,7 +1160,11 @@ mod tests {
         let mut data = Vec::new();
         for y in 0..h {
             for x in 0..w {
-                data.extend_from_slice(&[(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, ((x * 7 + y * 13) % 256) as u8]);
+                data.extend_from_slice(&[
+                    (x * 255 / w.max(1)) as u8,
+                    (y * 255 / h.max(1)) as u8,
+                    ((x * 7 + y * 13) % 256) as u8,
+                ]);
             }
         }
         RgbImage::from_raw(w, h, data).unwrap()
@@ -1101,12 +1184,19 @@ mod tests {
     fn resize_to_same_size_is_identity_and_constant_stays_constant() {
         let img = gradient(17, 11);
         for backend in [ProcessorBackend::Pil, ProcessorBackend::Torchvision] {
-            assert_eq!(resize(&img, 17, 11, Resample::Bicubic, backend).unwrap(), img);
+            assert_eq!(
+                resize(&img, 17, 11, Resample::Bicubic, backend).unwrap(),
+                img
+            );
             let flat = RgbImage::filled(37, 23, [200, 3, 128]);
             for (w, h) in [(10, 7), (80, 50), (37, 5), (3, 23)] {
                 for f in [Resample::Bicubic, Resample::Bilinear] {
                     let out = resize(&flat, w, h, f, backend).unwrap();
-                    assert_eq!(out, RgbImage::filled(w, h, [200, 3, 128]), "{w}x{h} {f:?} {backend:?}");
+                    assert_eq!(
+                        out,
+                        RgbImage::filled(w, h, [200, 3, 128]),
+                        "{w}x{h} {f:?} {backend:?}"
+                    );
                 }
             }
         }
@@ -1119,7 +1209,10 @@ mod tests {
         // Support 2 * 100/30 = 6.67 -> ksize = 7 * 2 + 1.
         assert_eq!(c.ksize, 15);
         for (i, (_, n)) in c.bounds.iter().enumerate() {
-            let sum: i64 = c.weights[i * c.ksize..i * c.ksize + n].iter().map(|&w| i64::from(w)).sum();
+            let sum: i64 = c.weights[i * c.ksize..i * c.ksize + n]
+                .iter()
+                .map(|&w| i64::from(w))
+                .sum();
             assert!((sum - (1 << 22)).abs() <= 8, "row {i}: {sum}");
         }
         let t = coefficients(100, 30, Resample::Bicubic, ProcessorBackend::Torchvision);
@@ -1188,14 +1281,20 @@ mod tests {
             (128.0 / 255.0 - 0.4578275) / 0.26130258,
             (1.0 - 0.40821073) / 0.27577711,
         ];
-        for ch in 0..3 {
-            assert!((a.data[ch] - want[ch] as f32).abs() < 1e-5);
-            assert!((b.data[ch] - want[ch] as f32).abs() < 1e-5);
+        for (ch, w) in want.iter().enumerate() {
+            assert!((a.data[ch] - *w as f32).abs() < 1e-5);
+            assert!((b.data[ch] - *w as f32).abs() < 1e-5);
         }
         // The fused form is exactly this f32 expression.
         let inv = (1.0f64 / (1.0 / 255.0)) as f32;
-        assert_eq!(a.data[1], (128.0f32 - 0.4578275f32 * inv) / (0.26130258f32 * inv));
-        assert_eq!(b.data[1], ((128.0f64 / 255.0) as f32 - 0.4578275f32) / 0.26130258f32);
+        assert_eq!(
+            a.data[1],
+            (128.0f32 - OPENAI_CLIP_MEAN[1] * inv) / (OPENAI_CLIP_STD[1] * inv)
+        );
+        assert_eq!(
+            b.data[1],
+            ((128.0f64 / 255.0) as f32 - OPENAI_CLIP_MEAN[1]) / OPENAI_CLIP_STD[1]
+        );
     }
 
     #[test]
@@ -1222,9 +1321,16 @@ mod tests {
 
         let v = serde_json::json!({"image_processor_type": "LlavaImageProcessor", "do_pad": true,
             "size": {"height": 30, "width": 40}, "crop_size": {"height": 20, "width": 10}, "resample": 2});
-        let c = ImageProcessorConfig::from_json(&v, Path::new("p.json"), "image_processor.").unwrap();
+        let c =
+            ImageProcessorConfig::from_json(&v, Path::new("p.json"), "image_processor.").unwrap();
         assert!(c.pad_to_square);
-        assert_eq!(c.size, ResizeTarget::Exact { height: 30, width: 40 });
+        assert_eq!(
+            c.size,
+            ResizeTarget::Exact {
+                height: 30,
+                width: 40
+            }
+        );
         assert_eq!(c.crop_size, (20, 10));
         assert_eq!(c.resample, Resample::Bilinear);
         let p = ClipImageProcessor::new(c);
@@ -1232,10 +1338,15 @@ mod tests {
 
         // do_pad on a CLIP processor means batch padding, not pad-to-square.
         let v = serde_json::json!({"image_processor_type": "CLIPImageProcessor", "do_pad": true});
-        assert!(!ImageProcessorConfig::from_json(&v, Path::new("p.json"), "").unwrap().pad_to_square);
+        assert!(
+            !ImageProcessorConfig::from_json(&v, Path::new("p.json"), "")
+                .unwrap()
+                .pad_to_square
+        );
 
         let v = serde_json::json!({"resample": 1});
-        let e = ImageProcessorConfig::from_json(&v, Path::new("p.json"), "image_processor.").unwrap_err();
+        let e = ImageProcessorConfig::from_json(&v, Path::new("p.json"), "image_processor.")
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "p.json: field `image_processor.resample`: unsupported filter 1 (supported: 2 = bilinear, 3 = bicubic)"
@@ -1244,7 +1355,10 @@ mod tests {
         assert!(ImageProcessorConfig::from_json(&v, Path::new("p.json"), "").is_err());
         let v = serde_json::json!({"crop_size": {"height": 3}});
         let e = ImageProcessorConfig::from_json(&v, Path::new("p.json"), "").unwrap_err();
-        assert_eq!(e.to_string(), "p.json: missing field `crop_size.height`".replace("height", "width"));
+        assert_eq!(
+            e.to_string(),
+            "p.json: missing field `crop_size.height`".replace("height", "width")
+        );
         let v = serde_json::json!({"image_mean": [0.5, 0.5]});
         assert!(ImageProcessorConfig::from_json(&v, Path::new("p.json"), "").is_err());
         let v = serde_json::json!({"image_std": [0.5, 0.0, 0.5]});
@@ -1254,10 +1368,18 @@ mod tests {
     #[test]
     fn decode_errors_name_the_source() {
         let e = decode_image(b"definitely not an image", &LoadOptions::default()).unwrap_err();
-        assert!(e.to_string().starts_with("<memory>: not a decodable image ("), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("<memory>: not a decodable image ("),
+            "{e}"
+        );
         // A PNG signature followed by garbage is detected as PNG but fails to decode.
         let e = decode_image(b"\x89PNG\r\n\x1a\n garbage", &LoadOptions::default()).unwrap_err();
-        assert!(e.to_string().starts_with("<memory>: not a decodable image ("), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("<memory>: not a decodable image ("),
+            "{e}"
+        );
         let e = load_image(Path::new("/nonexistent/img.png")).unwrap_err();
         assert!(matches!(e, CoreError::Io { .. }));
     }
@@ -1279,15 +1401,33 @@ mod tests {
             alpha: AlphaMode::CompositeOnWhite,
             ..LoadOptions::default()
         };
-        assert_eq!(decode_image(&png, &opts).unwrap().as_raw(), &[255, 255, 255, 40, 50, 60]);
+        assert_eq!(
+            decode_image(&png, &opts).unwrap().as_raw(),
+            &[255, 255, 255, 40, 50, 60]
+        );
         // Grey: replicated.
         let grey = image::GrayImage::from_raw(2, 1, vec![7, 200]).unwrap();
         let png = encode_png(DynamicImage::ImageLuma8(grey));
-        assert_eq!(decode_image(&png, &LoadOptions::default()).unwrap().as_raw(), &[7, 7, 7, 200, 200, 200]);
+        assert_eq!(
+            decode_image(&png, &LoadOptions::default())
+                .unwrap()
+                .as_raw(),
+            &[7, 7, 7, 200, 200, 200]
+        );
         // 16-bit RGB keeps the high byte.
-        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_raw(1, 1, vec![0x12ff, 0xab00, 0xffff]).unwrap();
+        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_raw(
+            1,
+            1,
+            vec![0x12ff, 0xab00, 0xffff],
+        )
+        .unwrap();
         let png = encode_png(DynamicImage::ImageRgb16(rgb16));
-        assert_eq!(decode_image(&png, &LoadOptions::default()).unwrap().as_raw(), &[0x12, 0xab, 0xff]);
+        assert_eq!(
+            decode_image(&png, &LoadOptions::default())
+                .unwrap()
+                .as_raw(),
+            &[0x12, 0xab, 0xff]
+        );
         // Content decides the format, not a name: a PNG written under a .jpg name loads.
         let dir = std::env::temp_dir().join(format!("resonance-core-img-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1297,6 +1437,10 @@ mod tests {
         let bad = dir.join("not_an_image.png");
         std::fs::write(&bad, b"hello").unwrap();
         let e = load_image(&bad).unwrap_err();
-        assert!(e.to_string().starts_with(&format!("{}: not a decodable image (", bad.display())), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: not a decodable image (", bad.display())),
+            "{e}"
+        );
     }
 }

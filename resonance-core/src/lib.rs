@@ -5,8 +5,12 @@
 //! * [`image`]: image loading and CLIP-style preprocessing matching transformers' processors.
 //! * [`processor`]: helpers shared by the vision-language processors.
 //! * [`error`]: the error type, naming the file (and line/field) at fault.
+//! * [`data`]: dataset formats, loaders and the mixture sampler.
+//! * [`config`]: the experiment configuration (TOML).
 
 pub mod chat_template;
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod image;
 pub mod processor;

@@ -46,8 +46,14 @@ mod tests {
 
     #[test]
     fn no_images_is_identity_and_zero_count_removes() {
-        assert_eq!(expand_image_tokens(&[1, 2, 3], 9, &[]).unwrap(), vec![1, 2, 3]);
-        assert_eq!(expand_image_tokens(&[1, 9, 3], 9, &[0]).unwrap(), vec![1, 3]);
+        assert_eq!(
+            expand_image_tokens(&[1, 2, 3], 9, &[]).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            expand_image_tokens(&[1, 9, 3], 9, &[0]).unwrap(),
+            vec![1, 3]
+        );
     }
 
     #[test]

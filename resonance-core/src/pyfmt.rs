@@ -65,7 +65,9 @@ fn dump(value: &Value, opts: &JsonOptions, level: usize, out: &mut String) -> Re
                 out.push_str(&json_float(f));
             }
         }
-        ValueKind::String => json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out),
+        ValueKind::String => {
+            json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out)
+        }
         ValueKind::Bytes => return Err(not_serializable("bytes")),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
@@ -393,7 +395,11 @@ pub(crate) fn strftime_utc(fmt: &str, unix_secs: i64) -> String {
                 format!("{v:0width$}")
             }
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) {
+            12
+        } else {
+            t.hour % 12
+        };
         let piece = match d {
             'Y' => t.year.to_string(),
             'y' => num(t.year.rem_euclid(100), 2),
@@ -508,8 +514,14 @@ mod tests {
             strftime_utc("%A %B %-d, %Y %H:%M:%S %p %j %%", t),
             "Friday July 26, 2024 13:05:09 PM 208 %"
         );
-        assert_eq!(strftime_utc("%F %T %y %I %e %Q", 0), "1970-01-01 00:00:00 70 12  1 %Q");
+        assert_eq!(
+            strftime_utc("%F %T %y %I %e %Q", 0),
+            "1970-01-01 00:00:00 70 12  1 %Q"
+        );
         // Leap day.
-        assert_eq!(strftime_utc("%Y-%m-%d %a %j", 951_782_400), "2000-02-29 Tue 060");
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %a %j", 951_782_400),
+            "2000-02-29 Tue 060"
+        );
     }
 }

@@ -257,7 +257,8 @@ impl TextTokenizer {
         let tc = read_json_opt(&tc_path)?;
         let stm_path = dir.join("special_tokens_map.json");
         let stm = read_json_opt(&stm_path)?;
-        let mut special = SpecialTokens::from_configs(tc.as_ref(), &tc_path, stm.as_ref(), &stm_path)?;
+        let mut special =
+            SpecialTokens::from_configs(tc.as_ref(), &tc_path, stm.as_ref(), &stm_path)?;
         let pad_configured = tc.as_ref().is_some_and(|c| c.get("pad_token").is_some())
             || special.pad_token.is_some();
         if !pad_configured {
@@ -268,8 +269,8 @@ impl TextTokenizer {
 
         let add_bos_token = opt_bool(tc.as_ref(), &tc_path, "add_bos_token")?;
         let add_eos_token = opt_bool(tc.as_ref(), &tc_path, "add_eos_token")?;
-        let clean_up = opt_bool(tc.as_ref(), &tc_path, "clean_up_tokenization_spaces")?
-            .unwrap_or(false);
+        let clean_up =
+            opt_bool(tc.as_ref(), &tc_path, "clean_up_tokenization_spaces")?.unwrap_or(false);
         let clean_up_bpe_anyway = opt_bool(
             tc.as_ref(),
             &tc_path,
@@ -287,8 +288,14 @@ impl TextTokenizer {
             let processor = bos_eos_template(
                 &inner,
                 &path,
-                special.bos_token.as_deref().filter(|_| add_bos_token == Some(true)),
-                special.eos_token.as_deref().filter(|_| add_eos_token == Some(true)),
+                special
+                    .bos_token
+                    .as_deref()
+                    .filter(|_| add_bos_token == Some(true)),
+                special
+                    .eos_token
+                    .as_deref()
+                    .filter(|_| add_eos_token == Some(true)),
             )?;
             inner.with_post_processor(Some(processor));
         }
@@ -396,19 +403,29 @@ impl TextTokenizer {
 
     /// The id of the BOS token, if it is configured and in the vocabulary.
     pub fn bos_token_id(&self) -> Option<u32> {
-        self.special.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .bos_token
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// The id of the (primary) EOS token of the tokenizer.
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.special.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .eos_token
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// All ids that end generation: the tokenizer's EOS id, then the `eos_token_id` entries of
     /// `generation_config.json` (or `config.json`), without duplicates.
     pub fn eos_token_ids(&self) -> Vec<u32> {
         let mut out = Vec::new();
-        for id in self.eos_token_id().into_iter().chain(self.extra_eos_ids.iter().copied()) {
+        for id in self
+            .eos_token_id()
+            .into_iter()
+            .chain(self.extra_eos_ids.iter().copied())
+        {
             if !out.contains(&id) {
                 out.push(id);
             }
@@ -418,12 +435,18 @@ impl TextTokenizer {
 
     /// The id of the padding token, if configured and in the vocabulary.
     pub fn pad_token_id(&self) -> Option<u32> {
-        self.special.pad_token.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .pad_token
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// The id of the unknown token, if configured and in the vocabulary.
     pub fn unk_token_id(&self) -> Option<u32> {
-        self.special.unk_token.as_deref().and_then(|t| self.token_to_id(t))
+        self.special
+            .unk_token
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
     }
 
     /// Size of the base vocabulary, without added tokens (HF's `tokenizer.vocab_size`).
@@ -593,7 +616,10 @@ pub(crate) mod tests {
         let tok = TextTokenizer::from_dir(&dir).unwrap();
         assert_eq!(tok.encode("hello world", true).unwrap(), vec![1, 5, 6]);
         assert_eq!(tok.encode("hello world", false).unwrap(), vec![5, 6]);
-        assert_eq!(tok.encode("hello <image> world", false).unwrap(), vec![5, 4, 6]);
+        assert_eq!(
+            tok.encode("hello <image> world", false).unwrap(),
+            vec![5, 4, 6]
+        );
         assert_eq!(tok.bos_token().as_deref(), Some("<s>"));
         assert_eq!(tok.eos_token().as_deref(), Some("</s>"));
         assert_eq!(tok.bos_token_id(), Some(1));
@@ -661,7 +687,10 @@ pub(crate) mod tests {
         let legacy = write_dir(&[
             ("tokenizer.json", tiny_tokenizer_json(Value::Null)),
             ("tokenizer_config.json", json!({"eos_token": "<s>"})),
-            ("special_tokens_map.json", json!({"eos_token": {"content": "</s>"}, "pad_token": "<pad>"})),
+            (
+                "special_tokens_map.json",
+                json!({"eos_token": {"content": "</s>"}, "pad_token": "<pad>"}),
+            ),
         ]);
         let tok = TextTokenizer::from_dir(&legacy).unwrap();
         assert_eq!(tok.eos_token().as_deref(), Some("</s>"));
@@ -669,8 +698,14 @@ pub(crate) mod tests {
 
         let modern = write_dir(&[
             ("tokenizer.json", tiny_tokenizer_json(Value::Null)),
-            ("tokenizer_config.json", json!({"eos_token": "<s>", "added_tokens_decoder": {}})),
-            ("special_tokens_map.json", json!({"eos_token": "</s>", "pad_token": "<pad>"})),
+            (
+                "tokenizer_config.json",
+                json!({"eos_token": "<s>", "added_tokens_decoder": {}}),
+            ),
+            (
+                "special_tokens_map.json",
+                json!({"eos_token": "</s>", "pad_token": "<pad>"}),
+            ),
         ]);
         let tok = TextTokenizer::from_dir(&modern).unwrap();
         assert_eq!(tok.eos_token().as_deref(), Some("<s>"));
@@ -682,7 +717,10 @@ pub(crate) mod tests {
         let dir = write_dir(&[
             ("tokenizer.json", tiny_tokenizer_json(Value::Null)),
             ("tokenizer_config.json", json!({"eos_token": "</s>"})),
-            ("generation_config.json", json!({"eos_token_id": [2, 10, 4]})),
+            (
+                "generation_config.json",
+                json!({"eos_token_id": [2, 10, 4]}),
+            ),
             ("config.json", json!({"eos_token_id": 7})),
         ]);
         let tok = TextTokenizer::from_dir(&dir).unwrap();
@@ -713,7 +751,10 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![1, 5, 6, 7, 8, 9, 10]);
         // WordLevel is not BPE, so the clean-up applies.
         assert_eq!(tok.decode(&ids, true).unwrap(), "hello world. it's fine");
-        assert_eq!(tok.decode(&ids, false).unwrap(), "<s> hello world. it's fine");
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            "<s> hello world. it's fine"
+        );
     }
 
     #[test]
@@ -744,16 +785,24 @@ pub(crate) mod tests {
         ]);
         let err = TextTokenizer::from_dir(&dir).unwrap_err();
         assert!(
-            err.to_string().contains("tokenizer_config.json: field `bos_token`"),
+            err.to_string()
+                .contains("tokenizer_config.json: field `bos_token`"),
             "{err}"
         );
 
         let dir = write_dir(&[
             ("tokenizer.json", tiny_tokenizer_json(Value::Null)),
-            ("tokenizer_config.json", json!({"bos_token": "<bos>", "add_bos_token": true})),
+            (
+                "tokenizer_config.json",
+                json!({"bos_token": "<bos>", "add_bos_token": true}),
+            ),
         ]);
         let err = TextTokenizer::from_dir(&dir).unwrap_err();
-        assert!(err.to_string().contains("\"<bos>\" is not in the vocabulary"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("\"<bos>\" is not in the vocabulary"),
+            "{err}"
+        );
 
         let dir = write_dir(&[
             ("tokenizer.json", tiny_tokenizer_json(Value::Null)),
@@ -761,7 +810,8 @@ pub(crate) mod tests {
         ]);
         let err = TextTokenizer::from_dir(&dir).unwrap_err();
         assert!(
-            err.to_string().contains("generation_config.json: field `eos_token_id`"),
+            err.to_string()
+                .contains("generation_config.json: field `eos_token_id`"),
             "{err}"
         );
     }

@@ -44,14 +44,18 @@ impl Tensors {
 
     fn u8(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("missing tensor {name}"));
         assert_eq!(t.dtype(), safetensors::Dtype::U8, "{name}");
         (t.shape().to_vec(), t.data().to_vec())
     }
 
     fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("missing tensor {name}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
         let data = t
             .data()
@@ -77,7 +81,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn resize_matches_pil_and_torchvision_exactly() {
-    let t = Tensors::open(&fixtures().join("resize_cases.safetensors"));
+    // RESONANCE_RESIZE_CASES may point at a larger file made with
+    // `generate.py --only resize --resize-cases N --max-in A --max-out B --out DIR`.
+    let path = std::env::var_os("RESONANCE_RESIZE_CASES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("resize_cases.safetensors"));
+    let t = Tensors::open(&path);
     let cases = t.metadata("cases");
     let cases = cases.as_array().unwrap();
     assert!(cases.len() >= 20);
@@ -92,7 +101,10 @@ fn resize_matches_pil_and_torchvision_exactly() {
             ("pil", ProcessorBackend::Pil),
             ("torchvision", ProcessorBackend::Torchvision),
         ] {
-            for (fname, filter) in [("bilinear", Resample::Bilinear), ("bicubic", Resample::Bicubic)] {
+            for (fname, filter) in [
+                ("bilinear", Resample::Bilinear),
+                ("bicubic", Resample::Bicubic),
+            ] {
                 let (eshape, expected) = t.u8(&format!("{i}.{bname}.{fname}"));
                 assert_eq!(eshape, vec![oh, ow, 3]);
                 let got = resize(&img, ow, oh, filter, backend).unwrap();
@@ -141,11 +153,18 @@ fn clip_and_llava_processors_match_fast_and_slow() {
             let key = img_meta["image"].as_str().unwrap();
             let (shape, data) = t.u8(key);
             let img = rgb_from(&shape, data);
-            for (suffix, backend) in [("fast", ProcessorBackend::Torchvision), ("slow", ProcessorBackend::Pil)] {
+            for (suffix, backend) in [
+                ("fast", ProcessorBackend::Torchvision),
+                ("slow", ProcessorBackend::Pil),
+            ] {
                 let (eshape, expected) = t.f32(&format!("{name}.{key}.{suffix}"));
                 let p = ClipImageProcessor::new(config.clone()).with_backend(backend);
                 let got = p.preprocess(&img).unwrap();
-                assert_eq!(vec![got.channels, got.height, got.width], eshape, "{name} {key}");
+                assert_eq!(
+                    vec![got.channels, got.height, got.width],
+                    eshape,
+                    "{name} {key}"
+                );
                 let d = max_abs_diff(&got.data, &expected);
                 report.push(format!("{name} {key} {suffix}: max|Δ| = {d:e}"));
                 assert_eq!(d, 0.0, "{name} {key} {suffix}: max|Δ| = {d}");
@@ -177,10 +196,17 @@ fn workspace_image_fixtures_match_transformers() {
         ("photo_36x28", "photo_36x28.jpg"),
     ] {
         let img = load_image_with(&images.join(file), &opts).unwrap();
-        for (suffix, backend) in [("fast", ProcessorBackend::Torchvision), ("slow", ProcessorBackend::Pil)] {
+        for (suffix, backend) in [
+            ("fast", ProcessorBackend::Torchvision),
+            ("slow", ProcessorBackend::Pil),
+        ] {
             let (shape, want) = expected.f32(&format!("{stem}.{suffix}"));
             assert_eq!(shape, vec![1, 3, 30, 30]);
-            let got = processor.clone().with_backend(backend).preprocess(&img).unwrap();
+            let got = processor
+                .clone()
+                .with_backend(backend)
+                .preprocess(&img)
+                .unwrap();
             let d = max_abs_diff(&got.data, &want);
             report.push(format!("{stem}.{suffix}: max|Δ| = {d:e}"));
             let w = worst.entry(suffix).or_insert(0.0);
@@ -220,7 +246,10 @@ fn decoding_matches_pil_for_lossless_files() {
     // RGBA: convert("RGB") drops alpha.
     let img = load_image_with(&images.join("alpha_32x32.png"), &raw).unwrap();
     let (_, want) = expected.u8("alpha_32x32.decoded");
-    let rgb: Vec<u8> = want.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    let rgb: Vec<u8> = want
+        .chunks_exact(4)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect();
     assert_eq!(img.as_raw(), &rgb[..]);
     // Not an image: the error names the file.
     let bad = images.join("not_an_image.png");
@@ -263,7 +292,8 @@ fn chat_templates_match_transformers() {
                 other => panic!("unexpected special token {other}"),
             }
         }
-        let t = ChatTemplate::from_source(name, case["template"].as_str().unwrap(), special).unwrap();
+        let t =
+            ChatTemplate::from_source(name, case["template"].as_str().unwrap(), special).unwrap();
         let extra = case["extra_context"].clone();
         let got = t.render(
             &case["messages"],
@@ -276,7 +306,9 @@ fn chat_templates_match_transformers() {
         } else {
             let want = case["expected_error"].as_str().unwrap();
             match got {
-                Err(CoreError::TemplateRaised { message, .. }) => assert_eq!(message, want, "{name}"),
+                Err(CoreError::TemplateRaised { message, .. }) => {
+                    assert_eq!(message, want, "{name}")
+                }
                 other => panic!("{name}: expected raise_exception({want:?}), got {other:?}"),
             }
         }
@@ -286,7 +318,9 @@ fn chat_templates_match_transformers() {
 #[test]
 fn workspace_tiny_llava_template_renders() {
     let dir = workspace_fixtures().join("tiny-llava");
-    let t = ChatTemplate::from_dir(&dir).unwrap().expect("tiny-llava has a chat template");
+    let t = ChatTemplate::from_dir(&dir)
+        .unwrap()
+        .expect("tiny-llava has a chat template");
     assert!(t.origin().ends_with("chat_template.jinja"));
     let msgs = serde_json::json!([
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]},
@@ -298,7 +332,9 @@ fn workspace_tiny_llava_template_renders() {
     );
     let bad = serde_json::json!([{"role": "robot", "content": "x"}]);
     match t.render(&bad, false, None) {
-        Err(CoreError::TemplateRaised { message, .. }) => assert_eq!(message, "Unsupported role: robot"),
+        Err(CoreError::TemplateRaised { message, .. }) => {
+            assert_eq!(message, "Unsupported role: robot")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -319,12 +355,30 @@ fn tokenizers_match_transformers() {
         )
         .unwrap();
         let default = TextTokenizer::from_dir(&dir).unwrap();
-        assert_eq!(u64::from(v5.bos_token_id().unwrap()), summary["bos_token_id"].as_u64().unwrap());
-        assert_eq!(u64::from(v5.eos_token_id().unwrap()), summary["eos_token_id"].as_u64().unwrap());
-        assert_eq!(u64::from(v5.pad_token_id().unwrap()), summary["pad_token_id"].as_u64().unwrap());
-        assert_eq!(u64::from(v5.unk_token_id().unwrap()), summary["unk_token_id"].as_u64().unwrap());
-        assert_eq!(v5.vocab_size() as u64, summary["vocab_size"].as_u64().unwrap());
-        assert_eq!(v5.vocab_size_with_added_tokens() as u64, summary["len"].as_u64().unwrap());
+        assert_eq!(
+            u64::from(v5.bos_token_id().unwrap()),
+            summary["bos_token_id"].as_u64().unwrap()
+        );
+        assert_eq!(
+            u64::from(v5.eos_token_id().unwrap()),
+            summary["eos_token_id"].as_u64().unwrap()
+        );
+        assert_eq!(
+            u64::from(v5.pad_token_id().unwrap()),
+            summary["pad_token_id"].as_u64().unwrap()
+        );
+        assert_eq!(
+            u64::from(v5.unk_token_id().unwrap()),
+            summary["unk_token_id"].as_u64().unwrap()
+        );
+        assert_eq!(
+            v5.vocab_size() as u64,
+            summary["vocab_size"].as_u64().unwrap()
+        );
+        assert_eq!(
+            v5.vocab_size_with_added_tokens() as u64,
+            summary["len"].as_u64().unwrap()
+        );
         assert_eq!(v5.eos_token_ids(), vec![2, 4]);
         for case in summary["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
@@ -332,9 +386,19 @@ fn tokenizers_match_transformers() {
             let plain: Vec<u32> = serde_json::from_value(case["ids_no_special"].clone()).unwrap();
             assert_eq!(v5.encode(text, true).unwrap(), ids, "{name}: {text:?}");
             assert_eq!(v5.encode(text, false).unwrap(), plain, "{name}: {text:?}");
-            assert_eq!(default.encode(text, false).unwrap(), plain, "{name}: {text:?}");
-            assert_eq!(v5.decode(&ids, false).unwrap(), case["decoded"].as_str().unwrap());
-            assert_eq!(v5.decode(&ids, true).unwrap(), case["decoded_skip"].as_str().unwrap());
+            assert_eq!(
+                default.encode(text, false).unwrap(),
+                plain,
+                "{name}: {text:?}"
+            );
+            assert_eq!(
+                v5.decode(&ids, false).unwrap(),
+                case["decoded"].as_str().unwrap()
+            );
+            assert_eq!(
+                v5.decode(&ids, true).unwrap(),
+                case["decoded_skip"].as_str().unwrap()
+            );
             let with_default = default.encode(text, true).unwrap();
             if name == "tokenizer_no_pp" {
                 // add_bos_token: true and no post-processor: BOS is prepended by default (the

@@ -56,7 +56,7 @@ pub fn architectures() -> Vec<Architecture> {
 #[derive(Debug)]
 pub enum AnyModel {
     /// A text-only decoder.
-    Text(CausalLm, TextConfig),
+    Text(Box<CausalLm>, Box<TextConfig>),
     /// LLaVA.
     Llava(Box<Llava>, Box<LlavaConfig>),
 }
@@ -79,7 +79,7 @@ impl AnyModel {
         }
         if DecoderFamily::from_model_type(&kind).is_some() {
             let (model, config) = load_causal_lm(dir, device)?;
-            return Ok(AnyModel::Text(model, config));
+            return Ok(AnyModel::Text(Box::new(model), Box::new(config)));
         }
         let supported: Vec<&str> = architectures()
             .iter()

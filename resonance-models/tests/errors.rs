@@ -21,15 +21,15 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Rewrites `model.safetensors` of `dir` through `edit` (name → (dtype, shape, bytes)).
-fn edit_weights(
-    dir: &Path,
-    edit: impl FnOnce(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+/// Raw tensors of a checkpoint: name → (dtype, shape, bytes).
+type RawTensors = HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites `model.safetensors` of `dir` through `edit`.
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut RawTensors)) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut tensors: RawTensors = st
         .tensors()
         .into_iter()
         .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))

@@ -84,7 +84,7 @@ pub fn read_score_records(path: &Path) -> Result<Vec<ScoreRecord>> {
 }
 
 /// Scores records in batches of `batch_size` (right-padded, so padding never changes the
-/// scores). `line_of(i)` names record `i` in errors.
+/// scores); `progress` is told how many records each batch finished.
 pub fn score_records(
     model: &AnyModel,
     processor: &Processor,

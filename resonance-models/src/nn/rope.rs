@@ -112,7 +112,7 @@ impl RopeScaling {
                     let smooth = (old_context_len / wavelen - low_freq_factor)
                         / (high_freq_factor - low_freq_factor);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     *f = if is_medium { smoothed } else { scaled };
                 }
             }

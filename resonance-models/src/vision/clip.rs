@@ -216,7 +216,7 @@ impl ClipVisionModel {
     /// A tower with fresh (lazy) parameters for `config`.
     pub fn new(config: &ClipVisionConfig, device: &Device) -> Result<Self> {
         let c = config.hidden_size;
-        let activation = config.activation().map_err(|m| ModelError::Input(m))?;
+        let activation = config.activation().map_err(ModelError::Input)?;
         let ln = || {
             LayerNormConfig::new(c)
                 .with_epsilon(config.layer_norm_eps)

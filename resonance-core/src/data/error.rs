@@ -1,0 +1,129 @@
+//! Errors of the dataset loaders.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// Why a record was rejected. Used both in [`DataError::Record`] and as the key of the skip
+/// counts of a [`LoadReport`](super::LoadReport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordErrorKind {
+    /// A JSONL line is not valid JSON.
+    MalformedJson,
+    /// A field is missing or has the wrong type / shape.
+    InvalidField,
+    /// A `from` / `role` value the format does not know.
+    UnknownRole,
+    /// The turns do not alternate user / assistant, or there is no assistant turn.
+    RoleOrder,
+    /// The number of image placeholders differs from the number of images.
+    ImageCount,
+    /// An image file does not exist.
+    MissingImage,
+}
+
+impl RecordErrorKind {
+    /// A short snake_case name, as used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordErrorKind::MalformedJson => "malformed_json",
+            RecordErrorKind::InvalidField => "invalid_field",
+            RecordErrorKind::UnknownRole => "unknown_role",
+            RecordErrorKind::RoleOrder => "role_order",
+            RecordErrorKind::ImageCount => "image_count",
+            RecordErrorKind::MissingImage => "missing_image",
+        }
+    }
+}
+
+impl fmt::Display for RecordErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything that can go wrong while loading a dataset or building a sampler.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The data file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The data file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file as a whole is not usable: a JSON array with a syntax error (a JSON array cannot
+    /// be resynchronised, so this is fatal even under `on_error = "skip"`), or a file that is
+    /// neither a JSON array nor JSON lines.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    File {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// One record is bad. Displayed as `file:line[:column]: field `f`: message`.
+    #[error("{}:{line}{}: {}{message}", path.display(), Col(*column), Field(field.as_deref()))]
+    Record {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line where the record starts (JSONL: its line; JSON array: the line of its `{`;
+        /// for malformed JSON, the line of the syntax error).
+        line: usize,
+        /// 1-based column of a syntax error, when known.
+        column: Option<usize>,
+        /// The field at fault, as a path into the record (`conversations[2].from`).
+        field: Option<String>,
+        /// The category, used for skip counts.
+        kind: RecordErrorKind,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// Mixing / sampler configuration is inconsistent (e.g. an empty dataset, a non-positive
+    /// weight).
+    #[error("mixture: {0}")]
+    Mixture(String),
+}
+
+impl DataError {
+    /// The record error kind, for [`DataError::Record`].
+    pub fn kind(&self) -> Option<RecordErrorKind> {
+        match self {
+            DataError::Record { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+struct Col(Option<usize>);
+
+impl fmt::Display for Col {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(c) => write!(f, ":{c}"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Field<'a>(Option<&'a str>);
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, "field `{name}`: "),
+            None => Ok(()),
+        }
+    }
+}
