@@ -1,6 +1,6 @@
 //! Backend selection: the CLI is the only place that names a backend.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::tensor::Device;
 
 /// Backends the user can ask for; only those compiled in can be built.
@@ -35,39 +35,53 @@ pub fn compiled_backends() -> Vec<&'static str> {
 pub fn device(kind: BackendKind) -> Result<Device> {
     match kind {
         BackendKind::Cpu => Ok(Device::flex()),
-        BackendKind::Ndarray => {
-            #[cfg(feature = "ndarray")]
-            {
-                #[allow(deprecated)]
-                return Ok(Device::ndarray());
-            }
-            #[cfg(not(feature = "ndarray"))]
-            bail!(
-                "this binary was built without the ndarray backend (available: {}); rebuild with `--features ndarray`",
-                compiled_backends().join(", ")
-            )
-        }
-        BackendKind::Wgpu => {
-            #[cfg(feature = "wgpu")]
-            {
-                return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
-            }
-            #[cfg(not(feature = "wgpu"))]
-            bail!(
-                "this binary was built without the wgpu backend (available: {}); rebuild with `--features wgpu`",
-                compiled_backends().join(", ")
-            )
-        }
-        BackendKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                return Ok(Device::cuda(0));
-            }
-            #[cfg(not(feature = "cuda"))]
-            bail!(
-                "this binary was built without the cuda backend (available: {}); rebuild with `--features cuda` on a machine with network access (see docs/BACKENDS.md)",
-                compiled_backends().join(", ")
-            )
-        }
+        BackendKind::Ndarray => ndarray_device(),
+        BackendKind::Wgpu => wgpu_device(),
+        BackendKind::Cuda => cuda_device(),
     }
+}
+
+#[cfg_attr(
+    all(feature = "ndarray", feature = "wgpu", feature = "cuda"),
+    allow(dead_code)
+)]
+fn missing(name: &str, how: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "this binary was built without the {name} backend (available: {}); {how}",
+        compiled_backends().join(", ")
+    )
+}
+
+#[cfg(feature = "ndarray")]
+fn ndarray_device() -> Result<Device> {
+    #[allow(deprecated)]
+    Ok(Device::ndarray())
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray_device() -> Result<Device> {
+    Err(missing("ndarray", "rebuild with `--features ndarray`"))
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> Result<Device> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> Result<Device> {
+    Err(missing("wgpu", "rebuild with `--features wgpu`"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    Err(missing(
+        "cuda",
+        "rebuild with `--features cuda` on a machine with network access (see docs/BACKENDS.md)",
+    ))
 }

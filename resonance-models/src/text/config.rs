@@ -280,7 +280,7 @@ impl TextConfig {
             .num_key_value_heads
             .or(d.num_key_value_heads)
             .unwrap_or(num_attention_heads);
-        if num_kv_heads == 0 || num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -292,7 +292,7 @@ impl TextConfig {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None => {
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(invalid(
                         "hidden_size",
                         format!(

@@ -94,7 +94,7 @@ impl ClipVisionConfig {
                 ),
             ));
         }
-        if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
+        if config.patch_size == 0 || !config.image_size.is_multiple_of(config.patch_size) {
             return Err(invalid(
                 "patch_size",
                 format!(
@@ -103,7 +103,11 @@ impl ClipVisionConfig {
                 ),
             ));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(invalid(
                 "num_attention_heads",
                 format!(
