@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod logprobs;
+pub mod losses;
 pub mod score;
 
 pub use error::{Result, TrainError};
