@@ -7,7 +7,6 @@ use rand::{Rng, SeedableRng};
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
 use crate::registry::{AnyModel, ModelInputs};
-use crate::text::model::DecoderInputs;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
@@ -132,11 +131,7 @@ pub fn generate(
             break;
         }
         let embeds = lm.embed(&[vec![next]], device);
-        let inputs = DecoderInputs {
-            attention_mask: &[vec![true]],
-            positions: None,
-        };
-        let logits = lm.logits(lm.hidden_states(embeds, &inputs, Some(&mut cache)));
+        let logits = lm.forward_embeds(embeds, &[vec![true]], Some(&mut cache));
         next = choose_token(&last_row(logits)?, config, &mut rng);
     }
     Ok(out)

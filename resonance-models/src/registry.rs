@@ -11,7 +11,7 @@ use crate::llava::weights::load_llava;
 use crate::load::{model_type, read_config};
 use crate::nn::attention::KvCache;
 use crate::text::config::{DecoderFamily, TextConfig};
-use crate::text::model::{CausalLm, DecoderInputs};
+use crate::text::model::CausalLm;
 use crate::text::weights::load_causal_lm;
 
 /// One supported architecture, as `resonance models` lists it.
@@ -131,11 +131,7 @@ impl AnyModel {
                     ));
                 }
                 let embeds = model.embed(inputs.input_ids, device);
-                let decoder_inputs = DecoderInputs {
-                    attention_mask: inputs.attention_mask,
-                    positions: None,
-                };
-                Ok(model.logits(model.hidden_states(embeds, &decoder_inputs, cache)))
+                Ok(model.forward_embeds(embeds, inputs.attention_mask, cache))
             }
             AnyModel::Llava(model, _) => model.forward(
                 &LlavaInputs {

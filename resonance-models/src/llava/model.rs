@@ -9,7 +9,7 @@ use super::config::{FeatureSelect, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
 use crate::text::config::Activation;
-use crate::text::model::{activate, CausalLm, DecoderInputs};
+use crate::text::model::{activate, CausalLm};
 use crate::vision::clip::ClipVisionModel;
 
 /// `multi_modal_projector`: `linear_2(act(linear_1(x)))`, or a single linear map.
@@ -208,13 +208,8 @@ impl Llava {
         device: &Device,
     ) -> Result<Tensor<3>> {
         let embeds = self.merged_embeddings(inputs, device)?;
-        let decoder_inputs = DecoderInputs {
-            attention_mask: inputs.attention_mask,
-            positions: None,
-        };
-        let hidden = self
+        Ok(self
             .language_model
-            .hidden_states(embeds, &decoder_inputs, cache);
-        Ok(self.language_model.logits(hidden))
+            .forward_embeds(embeds, inputs.attention_mask, cache))
     }
 }

@@ -244,15 +244,21 @@ impl CausalLm {
             .first()
             .map(|l| l.self_attn.num_heads)
             .unwrap_or(1);
-        let full_mask = spec.build(heads, None, &device);
+        // One mask per distinct window, built once for all layers that share it.
+        let mut masks: Vec<(Option<usize>, Option<Tensor<4, burn::tensor::Bool>>)> = Vec::new();
+        for layer in &self.model.layers {
+            if !masks.iter().any(|(w, _)| *w == layer.window) {
+                masks.push((layer.window, spec.build(heads, layer.window, &device)));
+            }
+        }
         let rope = self.rope.tables(&positions, &device);
 
         let mut x = embeds;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = match layer.window {
-                Some(w) => spec.build(heads, Some(w), &device),
-                None => full_mask.clone(),
-            };
+            let mask = masks
+                .iter()
+                .find(|(w, _)| *w == layer.window)
+                .and_then(|(_, m)| m.clone());
             let residual = x.clone();
             let h = layer.input_layernorm.forward(x);
             let h = layer
@@ -278,6 +284,21 @@ impl CausalLm {
         }
     }
 
+    /// Logits `[b, t, vocab]` from input embeddings at the default positions (after the cached
+    /// tokens, if any).
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<3>,
+        attention_mask: &[Vec<bool>],
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let inputs = DecoderInputs {
+            attention_mask,
+            positions: None,
+        };
+        self.logits(self.hidden_states(embeds, &inputs, cache))
+    }
+
     /// Full forward from token ids to logits `[b, t, vocab]`.
     pub fn forward_ids(
         &self,
@@ -285,12 +306,7 @@ impl CausalLm {
         attention_mask: &[Vec<bool>],
         device: &Device,
     ) -> Tensor<3> {
-        let embeds = self.embed(ids, device);
-        let inputs = DecoderInputs {
-            attention_mask,
-            positions: None,
-        };
-        self.logits(self.hidden_states(embeds, &inputs, None))
+        self.forward_embeds(self.embed(ids, device), attention_mask, None)
     }
 
     /// Number of decoder layers (the size a [`KvCache`] needs).
