@@ -353,6 +353,20 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Like [`encode`](Self::encode), also returning each token's byte span in `text`
+    /// (special tokens added by the post-processor get an empty span).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<IdsWithOffsets> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.tok_err(e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Decodes token ids into text, optionally dropping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let text = self
@@ -532,6 +546,9 @@ fn bos_eos_template(
         .build()
         .map_err(|e| err(format!("cannot build the BOS/EOS template: {e}")))
 }
+
+/// Token ids and each token's byte span in the encoded text.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
 
 /// HF's `clean_up_tokenization`: removes spaces before punctuation and English contractions.
 pub fn clean_up_tokenization(text: &str) -> String {

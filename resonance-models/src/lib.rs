@@ -9,6 +9,7 @@ pub mod nn;
 pub mod processor;
 pub mod registry;
 pub mod text;
+pub mod trainable;
 pub mod vision;
 
 pub use error::{ModelError, Result};

@@ -34,9 +34,18 @@ pub struct EncodedPair {
 impl Processor {
     /// Loads the tokenizer, chat template and (for VLMs) image processor of a model directory.
     pub fn from_dir(dir: &Path, model: &AnyModel) -> Result<Self> {
+        Self::with_image_tokens(dir, model.image_tokens())
+    }
+
+    /// Like [`from_dir`](Self::from_dir) without loading weights: the image-token settings
+    /// are read from `config.json`.
+    pub fn from_config_dir(dir: &Path) -> Result<Self> {
+        Self::with_image_tokens(dir, crate::registry::image_tokens_of(dir)?)
+    }
+
+    fn with_image_tokens(dir: &Path, image_tokens: Option<(u32, usize)>) -> Result<Self> {
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let template = ChatTemplate::from_dir(dir)?;
-        let image_tokens = model.image_tokens();
         let image_processor = match image_tokens {
             Some(_) => Some(ClipImageProcessor::from_dir(dir)?),
             None => None,

@@ -52,6 +52,17 @@ pub fn architectures() -> Vec<Architecture> {
     ]
 }
 
+/// `(image token id, feature tokens per image)` of the model in `dir`, from its `config.json`
+/// alone (`None` for text-only models).
+pub fn image_tokens_of(dir: &Path) -> Result<Option<(u32, usize)>> {
+    let value = read_config(dir)?;
+    if model_type(&value, dir)? == "llava" {
+        let config = LlavaConfig::from_value(&value, &dir.join("config.json"))?;
+        return Ok(Some((config.image_token_id, config.tokens_per_image())));
+    }
+    Ok(None)
+}
+
 /// A loaded model of any supported architecture.
 #[derive(Debug)]
 pub enum AnyModel {

@@ -1,8 +1,8 @@
 //! LLaVA-1.5: CLIP tower → projector → image features placed at the `<image>` token positions of
 //! a Llama-family decoder, as `LlavaForConditionalGeneration` does.
 
+use crate::nn::linear::{join, Linear, LinearLayers};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::config::{FeatureSelect, LlavaConfig};
@@ -68,21 +68,18 @@ impl Llava {
         let text_hidden = config.text.hidden_size;
         let projector = if config.projector_two_layers {
             Projector {
-                linear_1: LinearConfig::new(vision_hidden, text_hidden)
-                    .with_bias(config.projector_bias)
-                    .init(device),
-                linear_2: Some(
-                    LinearConfig::new(text_hidden, text_hidden)
-                        .with_bias(config.projector_bias)
-                        .init(device),
-                ),
+                linear_1: Linear::new(vision_hidden, text_hidden, config.projector_bias, device),
+                linear_2: Some(Linear::new(
+                    text_hidden,
+                    text_hidden,
+                    config.projector_bias,
+                    device,
+                )),
                 activation: config.projector_activation,
             }
         } else {
             Projector {
-                linear_1: LinearConfig::new(vision_hidden, text_hidden)
-                    .with_bias(config.projector_bias)
-                    .init(device),
+                linear_1: Linear::new(vision_hidden, text_hidden, config.projector_bias, device),
                 linear_2: None,
                 activation: config.projector_activation,
             }
@@ -211,5 +208,22 @@ impl Llava {
         Ok(self
             .language_model
             .forward_embeds(embeds, inputs.attention_mask, cache))
+    }
+}
+
+impl LinearLayers for Llava {
+    fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {
+        self.vision_tower
+            .visit_linears(&join(prefix, "vision_tower"), visit);
+        let projector = join(prefix, "multi_modal_projector");
+        visit(
+            &join(&projector, "linear_1"),
+            &mut self.multi_modal_projector.linear_1,
+        );
+        if let Some(second) = self.multi_modal_projector.linear_2.as_mut() {
+            visit(&join(&projector, "linear_2"), second);
+        }
+        self.language_model
+            .visit_linears(&join(prefix, "language_model"), visit);
     }
 }

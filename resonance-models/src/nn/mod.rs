@@ -1,2 +1,3 @@
 pub mod attention;
+pub mod linear;
 pub mod rope;

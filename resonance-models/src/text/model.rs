@@ -3,12 +3,13 @@
 //! modules so checkpoint keys map one to one.
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::config::{Activation, TextConfig};
 use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
+use crate::nn::linear::{join, Linear, LinearLayers};
 use crate::nn::rope::{apply_rotary, RopeScaling};
 
 /// Applies a configured activation.
@@ -77,7 +78,7 @@ pub struct CausalLm {
 }
 
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+    Linear::new(d_in, d_out, bias, device)
 }
 
 impl DecoderAttention {
@@ -312,5 +313,26 @@ impl CausalLm {
     /// Number of decoder layers (the size a [`KvCache`] needs).
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
+    }
+}
+
+impl LinearLayers for CausalLm {
+    fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {
+        let layers = join(&join(prefix, "model"), "layers");
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let at = join(&layers, &i.to_string());
+            let attn = join(&at, "self_attn");
+            visit(&join(&attn, "q_proj"), &mut layer.self_attn.q_proj);
+            visit(&join(&attn, "k_proj"), &mut layer.self_attn.k_proj);
+            visit(&join(&attn, "v_proj"), &mut layer.self_attn.v_proj);
+            visit(&join(&attn, "o_proj"), &mut layer.self_attn.o_proj);
+            let mlp = join(&at, "mlp");
+            visit(&join(&mlp, "gate_proj"), &mut layer.mlp.gate_proj);
+            visit(&join(&mlp, "up_proj"), &mut layer.mlp.up_proj);
+            visit(&join(&mlp, "down_proj"), &mut layer.mlp.down_proj);
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            visit(&join(prefix, "lm_head"), head);
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! CLIP vision transformer (`CLIPVisionModel`): patch + class + position embeddings, pre-layernorm,
 //! bidirectional encoder, and the hidden-state selection VLMs use.
 
+use crate::nn::linear::{join, Linear, LinearLayers};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -226,7 +227,7 @@ impl ClipVisionModel {
                 .with_epsilon(config.layer_norm_eps)
                 .init(device)
         };
-        let lin = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
+        let lin = |i: usize, o: usize| Linear::new(i, o, true, device);
         let layers = (0..config.num_hidden_layers)
             .map(|_| ClipEncoderLayer {
                 self_attn: ClipAttention {
@@ -292,5 +293,22 @@ impl ClipVisionModel {
             states.push(next);
         }
         states
+    }
+}
+
+impl LinearLayers for ClipVisionModel {
+    fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {
+        let layers = join(&join(&join(prefix, "vision_model"), "encoder"), "layers");
+        for (i, layer) in self.vision_model.encoder.layers.iter_mut().enumerate() {
+            let at = join(&layers, &i.to_string());
+            let attn = join(&at, "self_attn");
+            visit(&join(&attn, "q_proj"), &mut layer.self_attn.q_proj);
+            visit(&join(&attn, "k_proj"), &mut layer.self_attn.k_proj);
+            visit(&join(&attn, "v_proj"), &mut layer.self_attn.v_proj);
+            visit(&join(&attn, "out_proj"), &mut layer.self_attn.out_proj);
+            let mlp = join(&at, "mlp");
+            visit(&join(&mlp, "fc1"), &mut layer.mlp.fc1);
+            visit(&join(&mlp, "fc2"), &mut layer.mlp.fc2);
+        }
     }
 }

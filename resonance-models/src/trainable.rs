@@ -1,0 +1,142 @@
+//! What a trainer needs from a model, whatever its architecture.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::llava::model::{Llava, LlavaInputs};
+use crate::nn::linear::LinearLayers;
+use crate::registry::ModelInputs;
+use crate::text::model::CausalLm;
+
+/// The parts of a vision-language model that are frozen, trained or adapted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Component {
+    /// The image encoder (`vision_tower`).
+    Vision,
+    /// The vision-to-text projector (`multi_modal_projector`).
+    Projector,
+    /// The language model.
+    Language,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Vision => "vision",
+            Component::Projector => "projector",
+            Component::Language => "lm",
+        }
+    }
+}
+
+/// A model the training loop can run: a Burn module with LoRA-targetable linear layers, a
+/// forward from token ids (and pixels) to logits, and a split of its parameters into
+/// [`Component`]s by module path.
+pub trait TrainableModel: Module + LinearLayers + Sized {
+    /// The component a parameter (or module) path belongs to.
+    fn component_of(path: &str) -> Component;
+
+    /// The path prefix (regex-escaped, with the trailing dot) of a component's parameters, or
+    /// `None` when this architecture has no such component (a text-only model has no tower).
+    fn component_prefix(component: Component) -> Option<&'static str>;
+
+    /// Logits `[b, t, vocab]` of a batch.
+    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>>;
+
+    /// `(regex, replacement)` renames from module paths to the tensor names transformers writes
+    /// in `model.safetensors` for this architecture.
+    fn checkpoint_renames() -> Vec<(&'static str, &'static str)>;
+
+    /// `(regex, replacement)` renames from module paths to transformers' in-memory module names
+    /// (what PEFT prefixes with `base_model.model.` in adapter files).
+    fn module_renames() -> Vec<(&'static str, &'static str)>;
+}
+
+/// Applies `(regex, replacement)` renames in order to a path.
+pub fn rename_path(path: &str, renames: &[(&str, &str)]) -> String {
+    let mut out = path.to_string();
+    for (pattern, replacement) in renames {
+        if let Ok(re) = regex::Regex::new(pattern) {
+            out = re.replace(&out, *replacement).into_owned();
+        }
+    }
+    out
+}
+
+impl TrainableModel for CausalLm {
+    fn component_of(_path: &str) -> Component {
+        Component::Language
+    }
+
+    fn component_prefix(component: Component) -> Option<&'static str> {
+        match component {
+            Component::Language => Some(""),
+            _ => None,
+        }
+    }
+
+    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+        if inputs.pixel_values.is_some() {
+            return Err(ModelError::Input(
+                "this model is text-only and cannot take images".into(),
+            ));
+        }
+        let embeds = self.embed(inputs.input_ids, device);
+        Ok(self.forward_embeds(embeds, inputs.attention_mask, None))
+    }
+
+    fn checkpoint_renames() -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+
+    fn module_renames() -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+}
+
+impl TrainableModel for Llava {
+    fn component_of(path: &str) -> Component {
+        if path.starts_with("vision_tower.") || path == "vision_tower" {
+            Component::Vision
+        } else if path.starts_with("multi_modal_projector.") || path == "multi_modal_projector" {
+            Component::Projector
+        } else {
+            Component::Language
+        }
+    }
+
+    fn component_prefix(component: Component) -> Option<&'static str> {
+        Some(match component {
+            Component::Vision => "vision_tower.",
+            Component::Projector => "multi_modal_projector.",
+            Component::Language => "language_model.",
+        })
+    }
+
+    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+        self.forward(
+            &LlavaInputs {
+                input_ids: inputs.input_ids,
+                attention_mask: inputs.attention_mask,
+                pixel_values: inputs.pixel_values,
+            },
+            None,
+            device,
+        )
+    }
+
+    fn checkpoint_renames() -> Vec<(&'static str, &'static str)> {
+        // transformers 5 writes LLaVA in the 4.x layout, with the CLIP tower unwrapped.
+        vec![(r"^vision_tower\.vision_model\.", "vision_tower.")]
+    }
+
+    fn module_renames() -> Vec<(&'static str, &'static str)> {
+        vec![
+            (r"^language_model\.model\.", "model.language_model."),
+            (r"^language_model\.lm_head", "lm_head"),
+            (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+            (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+        ]
+    }
+}
