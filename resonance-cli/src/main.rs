@@ -1,6 +1,7 @@
 //! `resonance`: train, score and run vision-language models on CPU, wgpu or CUDA.
 
 mod backend;
+mod plot;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -8,11 +9,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use resonance_core::config::{BackendKind as ConfigBackend, ExperimentConfig};
 use resonance_models::generate::{generate, SamplingConfig};
 use resonance_models::load::resolve_model;
 use resonance_models::processor::Processor;
 use resonance_models::registry::{architectures, AnyModel};
+use resonance_train::data_check::check_data;
 use resonance_train::score::{read_score_records, score_records};
+use resonance_train::trainer::{merge_lora, train, Resume, TrainOptions};
 
 use backend::BackendKind;
 
@@ -79,6 +83,64 @@ enum Command {
     },
     /// List the supported architectures and the config `model_type`s they accept.
     Models,
+    /// Train a model as a TOML experiment config describes (see docs/CONFIG.md).
+    Train {
+        /// The experiment config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value, e.g. `--set optim.lr=1e-5` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the newest checkpoint of the run directory, or from the given one.
+        #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "")]
+        resume: Option<String>,
+        /// Stop after this many optimizer steps (as if interrupted; checkpoints are written).
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+        /// Override `[backend] kind`.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+    },
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Fold a PEFT LoRA adapter into its base model and write a full transformers checkpoint.
+    MergeLora {
+        /// The base model directory or hub id.
+        #[arg(long)]
+        base: String,
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output directory.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Draw the loss and learning-rate curves of a run (its metrics.jsonl) into a PNG.
+    Plot {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// The PNG to write (default: RUN_DIR/curves.png).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Validate the datasets of a config without training: counts, token lengths, missing
+    /// images, refused records, and examples with the trained tokens marked.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// How many rendered examples to show.
+        #[arg(long, default_value_t = 2)]
+        examples: usize,
+    },
 }
 
 fn main() {
@@ -124,6 +186,89 @@ fn run(cli: Cli) -> Result<()> {
                 "backends compiled in: {}",
                 backend::compiled_backends().join(", ")
             );
+            Ok(())
+        }
+        Command::Train {
+            config,
+            set,
+            resume,
+            stop_after,
+            backend,
+        } => {
+            let experiment = ExperimentConfig::load(&config, &set)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let kind = backend.unwrap_or(match experiment.backend.kind {
+                ConfigBackend::Cpu => BackendKind::Cpu,
+                ConfigBackend::Wgpu => BackendKind::Wgpu,
+                ConfigBackend::Cuda => BackendKind::Cuda,
+            });
+            let device = backend::device(kind)?;
+            let options = TrainOptions {
+                resume: resume.map(|r| {
+                    if r.is_empty() {
+                        Resume::Latest
+                    } else {
+                        Resume::Dir(PathBuf::from(r))
+                    }
+                }),
+                progress: std::io::stderr().is_terminal(),
+                stop_after,
+            };
+            let summary = train(&experiment, &options, &device)?;
+            let first = summary.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
+            let last = summary.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
+            println!(
+                "trained {}/{} steps: loss {first:.4} -> {last:.4}, {:.3} s/step, {:.0} tokens/s, \
+                 {} of {} parameters trained",
+                summary.global_step,
+                summary.total_steps,
+                summary.mean_step_seconds,
+                summary.tokens_per_second,
+                summary.trainable_parameters,
+                summary.total_parameters,
+            );
+            if !summary.refused.is_empty() {
+                println!("refused records: {:?}", summary.refused);
+            }
+            match &summary.final_dir {
+                Some(dir) => println!("output: {}", dir.display()),
+                None => println!(
+                    "stopped early; continue with --resume (checkpoints in {})",
+                    summary.run_dir.display()
+                ),
+            }
+            Ok(())
+        }
+        Command::Data {
+            command:
+                DataCommand::Check {
+                    config,
+                    set,
+                    examples,
+                },
+        } => {
+            let experiment = ExperimentConfig::load(&config, &set)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let report = check_data(&experiment, examples)?;
+            print!("{}", report.render(experiment.data.max_length));
+            if report.usable() == 0 {
+                bail!("no usable record");
+            }
+            Ok(())
+        }
+        Command::MergeLora {
+            base,
+            adapter,
+            output,
+        } => {
+            merge_lora(&base, &adapter, &output, &burn::tensor::Device::flex())?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Plot { run_dir, output } => {
+            let output = output.unwrap_or_else(|| run_dir.join("curves.png"));
+            plot::plot_run(&run_dir.join("metrics.jsonl"), &output)?;
+            println!("wrote {}", output.display());
             Ok(())
         }
         Command::Score {

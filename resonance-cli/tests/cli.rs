@@ -128,3 +128,159 @@ fn models_lists_llava() {
     assert!(ok);
     assert!(out.contains("LlavaForConditionalGeneration") && out.contains("qwen2"));
 }
+
+/// A demo-style config in a temporary directory; `extra` is appended.
+fn write_config(dir: &std::path::Path, data: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "fixtures/tiny-llava"
+[data]
+max_length = 128
+[[data.datasets]]
+path = "{data}"
+format = "llava"
+image_root = "data/demo/sft/images"
+[train]
+max_steps = 3
+batch_size = 2
+output_dir = "{out}"
+{extra}
+"#,
+        out = dir.join("run").display()
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn demo_train_writes_a_model_metrics_and_a_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (ok, out, err) = resonance(&[
+        "train",
+        "--config",
+        "configs/demo_sft.toml",
+        "--set",
+        &format!("train.output_dir={}", run.display()),
+        "--set",
+        "train.epochs=1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("output:"), "{out}");
+    assert!(run.join("final/model.safetensors").is_file());
+    assert!(run.join("config.toml").is_file());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_second"] {
+        assert!(first.get(key).is_some(), "metrics lack {key}");
+    }
+    let (ok, _, err) = resonance(&["plot", run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let png = image::open(run.join("curves.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (900, 600));
+}
+
+#[test]
+fn data_check_reports_counts_lengths_and_marked_examples() {
+    let (ok, out, err) = resonance(&["data", "check", "--config", "configs/demo_sft.toml"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("usable records: 110 (0 refused)"), "{out}");
+    assert!(out.contains("token lengths: min"), "{out}");
+    assert!(out.contains("«"), "no trained tokens marked:\n{out}");
+    assert!(out.contains("<image×25>"), "{out}");
+}
+
+#[test]
+fn data_check_refuses_records_whose_image_tokens_would_be_cut() {
+    let (ok, out, err) = resonance(&[
+        "data",
+        "check",
+        "--config",
+        "configs/demo_sft.toml",
+        "--set",
+        "data.max_length=40",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("refused `image tokens truncated`"), "{out}");
+}
+
+#[test]
+fn train_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Unknown key.
+    let config = write_config(tmp.path(), "data/demo/sft/llava.json", "learning_rate = 1");
+    let (ok, _, err) = resonance(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("learning_rate"), "{err}");
+    // LoRA on the LM and a full fine-tune of the LM at once.
+    let config = write_config(
+        tmp.path(),
+        "data/demo/sft/llava.json",
+        "freeze_lm = false\n[lora]\nenabled = true",
+    );
+    let (ok, _, err) = resonance(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("lora") && err.contains("freeze_lm"), "{err}");
+    // A malformed JSON line.
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"image\": \"red_circle_white.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nhi\"}, {\"from\": \"gpt\", \"value\": \"red.\"}]}\n{\"image\": oops}\n",
+    )
+    .unwrap();
+    let config = write_config(tmp.path(), data.to_str().unwrap(), "");
+    let (ok, _, err) = resonance(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+    // A missing image.
+    std::fs::write(
+        &data,
+        "{\"image\": \"no_such.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nhi\"}, {\"from\": \"gpt\", \"value\": \"red.\"}]}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = resonance(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("no_such.png"),
+        "{err}"
+    );
+}
+
+/// The same training step on wgpu (Mesa lavapipe here) as on the CPU.
+#[test]
+fn train_on_wgpu_matches_cpu() {
+    if !cfg!(feature = "wgpu") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first_losses = Vec::new();
+    let config = write_config(tmp.path(), "data/demo/sft/llava.json", "");
+    for backend in ["cpu", "wgpu"] {
+        let run = tmp.path().join(backend);
+        let (ok, _, err) = resonance(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--set",
+            &format!("train.output_dir={}", run.display()),
+        ]);
+        assert!(ok, "{backend}: {err}");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        first_losses.push(losses);
+    }
+    for (cpu, gpu) in first_losses[0].iter().zip(&first_losses[1]) {
+        assert!((cpu - gpu).abs() < 1e-3, "cpu {cpu} vs wgpu {gpu}");
+    }
+}

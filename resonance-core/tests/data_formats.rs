@@ -298,3 +298,38 @@ fn image_check_can_be_disabled() {
     let d = load_dataset(&path, &opts(DataFormat::Llava).check_images(false)).unwrap();
     assert_eq!(d.len(), 2);
 }
+
+#[test]
+fn plain_dpo_pairs() {
+    let skip = opts(DataFormat::PlainDpo).on_error(OnError::Skip);
+    let d = load_dataset(&data_dir().join("plain_dpo.jsonl"), &skip).unwrap();
+    assert_eq!(d.len(), 3);
+    let r = &d.records[0];
+    assert_eq!(r.images, vec![img("red.png")]);
+    assert_eq!(
+        r.messages[0].content,
+        vec![Part::Image, Part::Text("What color is this square?".into())]
+    );
+    assert_eq!(r.messages[1].role, Role::Assistant);
+    assert_eq!(r.messages[1].text_content(), "Red.");
+    assert_eq!(r.rejected.as_deref(), Some("Blue."));
+    // Two images at their placeholders; a text-only pair.
+    assert_eq!(d.records[1].images, vec![img("red.png"), img("blue.png")]);
+    assert_eq!(d.records[1].num_image_parts(), 2);
+    assert!(d.records[2].images.is_empty());
+    // The bad `rejected` on line 4 is skipped and counted.
+    assert_eq!(
+        d.report.skipped.get(&RecordErrorKind::InvalidField),
+        Some(&1)
+    );
+    let err = load_dataset(
+        &data_dir().join("plain_dpo.jsonl"),
+        &opts(DataFormat::PlainDpo),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("plain_dpo.jsonl:4:") && err.contains("rejected"),
+        "{err}"
+    );
+}

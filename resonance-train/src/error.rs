@@ -22,6 +22,9 @@ pub enum TrainError {
     Model(#[from] resonance_models::ModelError),
     #[error("{0}")]
     Input(String),
+    /// Writing or reading a checkpoint, adapter or exported model failed.
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 /// Shorthand result type of this crate.

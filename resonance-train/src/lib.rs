@@ -1,8 +1,14 @@
 //! Training methods, losses and the scoring that preference methods build on.
 
+pub mod checkpoint;
+pub mod data_check;
 pub mod error;
 pub mod logprobs;
 pub mod losses;
+pub mod params;
+pub mod schedule;
 pub mod score;
+pub mod sft;
+pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -162,6 +162,11 @@ pub struct DataConfig {
     pub on_error: OnError,
     /// The dataset files, `[[data.datasets]]` tables. At least one is required.
     pub datasets: Vec<DatasetConfig>,
+    /// Held-out datasets, `[[data.eval_datasets]]` tables (same keys; `weight` unused). Their
+    /// token-averaged loss is logged as `eval_loss` every `train.eval_every` steps and at the
+    /// end. Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval_datasets: Vec<DatasetConfig>,
 }
 
 impl Default for DataConfig {
@@ -173,6 +178,7 @@ impl Default for DataConfig {
             max_prompt_length: None,
             on_error: OnError::Fail,
             datasets: Vec::new(),
+            eval_datasets: Vec::new(),
         }
     }
 }
@@ -472,7 +478,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Log metrics every this many optimizer steps (> 0). Default 10.
     pub log_every: u64,
-    /// Evaluate every this many optimizer steps; 0 disables evaluation. Default 0.
+    /// Evaluate on `data.eval_datasets` every this many optimizer steps (and at the end); 0
+    /// evaluates only at the end (when eval datasets are given). Default 0.
     pub eval_every: u64,
     /// Save a checkpoint every this many optimizer steps; 0 saves only at the end. Default 500.
     pub save_every: u64,
@@ -735,6 +742,13 @@ impl ExperimentConfig {
             format: DataFormat::Llava,
             image_root: Some("x".into()),
             weight: Some(1.0),
+            name: Some("x".into()),
+        });
+        c.data.eval_datasets.push(DatasetConfig {
+            path: "x".into(),
+            format: DataFormat::Llava,
+            image_root: Some("x".into()),
+            weight: None,
             name: Some("x".into()),
         });
         c.optim.vision_lr = Some(1.0);

@@ -59,6 +59,26 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
             );
         }
     }
+    for (i, d) in data.eval_datasets.iter().enumerate() {
+        if d.path.as_os_str().is_empty() {
+            add(
+                &format!("data.eval_datasets[{i}].path"),
+                "must be set".into(),
+            );
+        }
+        if d.weight.is_some() {
+            add(
+                &format!("data.eval_datasets[{i}].weight"),
+                "evaluation datasets are read whole; remove the weight".into(),
+            );
+        }
+    }
+    if cfg.train.eval_every > 0 && data.eval_datasets.is_empty() {
+        add(
+            "train.eval_every",
+            "evaluation needs [[data.eval_datasets]]; add one or set eval_every = 0".into(),
+        );
+    }
     if data.num_samples == Some(0) {
         add("data.num_samples", "must be > 0".into());
     }

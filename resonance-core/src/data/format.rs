@@ -57,6 +57,11 @@ pub enum DataFormat {
     /// `content` is a string (with optional `<image>` placeholders) or a list of
     /// `{"type": "image"}` / `{"type": "text", "text": ...}` items.
     Text,
+    /// Preference pairs: `{"image": "a.png" | [...] (optional; or "images"), "prompt",
+    /// "chosen", "rejected"}`; `<image>` placeholders in the prompt are honoured, otherwise the
+    /// images open it. Read as a conversation `[user: prompt, assistant: chosen]` with the
+    /// rejected answer beside it.
+    PlainDpo,
 }
 
 impl DataFormat {
@@ -67,6 +72,7 @@ impl DataFormat {
             DataFormat::VlqueryJson => "vlquery_json",
             DataFormat::Flamingo => "flamingo",
             DataFormat::Text => "text",
+            DataFormat::PlainDpo => "plain_dpo",
         }
     }
 }
@@ -113,6 +119,8 @@ pub struct ParsedRecord {
     pub image_fields: Vec<String>,
     /// The turns.
     pub messages: Vec<Message>,
+    /// The rejected answer of a preference record.
+    pub rejected: Option<String>,
 }
 
 type Res<T> = Result<T, RecordProblem>;
@@ -130,6 +138,7 @@ pub fn parse_record(format: DataFormat, value: &Value, image_root: &Path) -> Res
         DataFormat::VlqueryJson => parse_from_value(obj, image_root, "image", &VLQUERY_ROLES)?,
         DataFormat::Flamingo => parse_flamingo(obj, image_root)?,
         DataFormat::Text => parse_text(obj, image_root)?,
+        DataFormat::PlainDpo => parse_plain_dpo(obj, image_root)?,
     };
     rec.id = parse_id(obj)?;
     check_roles(&rec.messages, role_field(format))?;
@@ -140,6 +149,7 @@ fn role_field(format: DataFormat) -> fn(usize) -> String {
     match format {
         DataFormat::Llava | DataFormat::VlqueryJson => |i| format!("conversations[{i}].from"),
         DataFormat::Flamingo => |i| if i == 0 { "input" } else { "output" }.to_string(),
+        DataFormat::PlainDpo => |i| if i == 0 { "prompt" } else { "chosen" }.to_string(),
         DataFormat::Text => |i| format!("messages[{i}].role"),
     }
 }
@@ -376,6 +386,43 @@ fn parse_from_value(
         images,
         image_fields,
         messages,
+        rejected: None,
+    };
+    place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
+    Ok(rec)
+}
+
+/// `{image | images, prompt, chosen, rejected}`.
+fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+    let image_key = if obj.contains_key("images") && !obj.contains_key("image") {
+        "images"
+    } else {
+        "image"
+    };
+    let (images, image_fields) = parse_image_list(obj, image_key, image_root)?;
+    let prompt = get_str(obj, "prompt", "prompt")?;
+    let chosen = get_str(obj, "chosen", "chosen")?;
+    let rejected = get_str(obj, "rejected", "rejected")?;
+    for (field, text) in [("chosen", chosen), ("rejected", rejected)] {
+        if text.contains(IMAGE_PLACEHOLDER) {
+            return Err(RecordProblem::invalid(
+                field,
+                format!("answers cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
+            ));
+        }
+    }
+    let mut rec = ParsedRecord {
+        id: None,
+        images,
+        image_fields,
+        messages: vec![
+            Message {
+                role: Role::User,
+                content: split_placeholders(prompt, IMAGE_PLACEHOLDER),
+            },
+            Message::text(Role::Assistant, chosen),
+        ],
+        rejected: Some(rejected.to_string()),
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -429,6 +476,7 @@ fn parse_flamingo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
             },
             Message::text(Role::Assistant, output),
         ],
+        rejected: None,
     })
 }
 
@@ -489,6 +537,7 @@ fn parse_text(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> 
         images: images.paths,
         image_fields: images.fields,
         messages,
+        rejected: None,
     };
     place_images(&mut rec, "images", IMAGE_PLACEHOLDER)?;
     Ok(rec)

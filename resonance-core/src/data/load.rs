@@ -310,6 +310,7 @@ impl Ctx<'_> {
             id: rec.id,
             images: rec.images,
             messages: rec.messages,
+            rejected: rec.rejected,
             source: RecordSource::new(self.file.clone(), line),
         })
     }

@@ -126,6 +126,9 @@ pub struct Conversation {
     pub images: Vec<PathBuf>,
     /// The turns.
     pub messages: Vec<Message>,
+    /// Preference records: the rejected answer to the last user turn (the chosen one is the
+    /// final assistant message).
+    pub rejected: Option<String>,
     /// File and line the record was read from.
     pub source: RecordSource,
 }

@@ -1,0 +1,809 @@
+//! The training loop: config → model (+ LoRA) → batches → loss → AdamW with per-group learning
+//! rates → checkpoints that resume exactly.
+//!
+//! The loop is written on Burn's optimizer pieces (`ModuleOptimizer` with parameter groups,
+//! `ModuleLrScheduler`, `GradientsAccumulator`) rather than `burn::train::Learner`: exact resume
+//! needs the position in our dataset mixture, the preference methods need paired batches, and
+//! gradient clipping must be global (PyTorch's `clip_grad_norm_`) rather than per tensor.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::ParamGroup;
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::optim::lr_scheduler::LrSchedulerRecord;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use burn_store::ModuleSnapshot;
+use indicatif::{ProgressBar, ProgressStyle};
+use resonance_core::config::{
+    ExperimentConfig, GroupTraining, StopAt, TargetModules, TrainableGroups,
+};
+use resonance_core::data::{Dataset, MixtureSampler, OnError, SampleRef};
+use resonance_models::load::resolve_model;
+use resonance_models::nn::linear::LoraSpec;
+use resonance_models::processor::Processor;
+use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::trainable::{Component, TrainableModel};
+use serde_json::json;
+
+use crate::checkpoint::{
+    list_checkpoints, load_trainable, rotate_checkpoints, save_hf_model, save_peft_adapter,
+    save_trainable, write_dir_atomically, AdapterConfig, TrainerState, OPTIMIZER_STATE,
+    SCHEDULER_STATE, TRAINABLE_WEIGHTS, TRAINER_STATE,
+};
+use crate::error::{Result, TrainError};
+use crate::params::{clip_grad_norm, is_lora_path, param_table, prepare_params};
+use crate::schedule::WarmupSchedule;
+use crate::sft::{encode_conversation, sft_loss, SftBatch, SftExample};
+
+/// Linear layers LoRA targets under `target_modules = "auto"`.
+pub const AUTO_LM_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+pub const AUTO_VISION_TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest `checkpoint-*` of the run directory.
+    Latest,
+    /// A given checkpoint directory.
+    Dir(PathBuf),
+}
+
+/// Options of one `train` invocation that are not part of the experiment.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub resume: Option<Resume>,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Stop (as if interrupted) after this many optimizer steps, without the final export.
+    pub stop_after: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    /// `(step, loss)` of every step of the run, including those before a resume.
+    pub losses: Vec<(u64, f64)>,
+    pub global_step: u64,
+    pub total_steps: u64,
+    /// The exported model or adapter, when the run finished.
+    pub final_dir: Option<PathBuf>,
+    /// Mean wall time of the steps run by this invocation, and their token throughput.
+    pub mean_step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub refused: BTreeMap<String, usize>,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+}
+
+/// Trains `config` on `device` (the autodiff wrapper is added here).
+pub fn train(
+    config: &ExperimentConfig,
+    options: &TrainOptions,
+    device: &Device,
+) -> Result<TrainSummary> {
+    config
+        .validate()
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let model_dir = resolve_model(&config.model.path)?;
+    let device = device.clone().autodiff();
+    let model = AnyModel::load(&model_dir, &device)?;
+    let processor = Processor::from_dir(&model_dir, &model)?;
+    let context = RunContext {
+        config,
+        options,
+        model_dir: &model_dir,
+        processor: &processor,
+        device: &device,
+    };
+    match model {
+        AnyModel::Text(model, _) => run(*model, &context),
+        AnyModel::Llava(model, _) => run(*model, &context),
+    }
+}
+
+struct RunContext<'a> {
+    config: &'a ExperimentConfig,
+    options: &'a TrainOptions,
+    model_dir: &'a Path,
+    processor: &'a Processor,
+    device: &'a Device,
+}
+
+fn group_of(groups: &TrainableGroups, component: Component) -> GroupTraining {
+    match component {
+        Component::Vision => groups.vision,
+        Component::Projector => groups.projector,
+        Component::Language => groups.lm,
+    }
+}
+
+/// Attaches LoRA adapters to the targeted layers of the components trained with LoRA; returns
+/// the layer names adapted.
+pub fn attach_lora<M: TrainableModel>(
+    model: &mut M,
+    config: &ExperimentConfig,
+    device: &Device,
+) -> Result<Vec<String>> {
+    let groups = config.trainable_groups();
+    let lora = &config.lora;
+    let spec = LoraSpec {
+        rank: lora.rank,
+        alpha: lora.alpha,
+        dropout: lora.dropout,
+        quantize_base: lora.qlora,
+    };
+    let mut adapted = Vec::new();
+    model.visit_linears("", &mut |path, linear| {
+        let component = M::component_of(path);
+        if group_of(&groups, component) != GroupTraining::Lora {
+            return;
+        }
+        let name = path.rsplit('.').next().unwrap_or(path);
+        let targeted = match &lora.target_modules {
+            TargetModules::Auto => match component {
+                Component::Vision => AUTO_VISION_TARGETS.contains(&name),
+                Component::Language => AUTO_LM_TARGETS.contains(&name),
+                Component::Projector => false,
+            },
+            TargetModules::Names(names) => names.iter().any(|n| n == name || n == path),
+        };
+        if targeted {
+            linear.attach_lora(&spec, device);
+            adapted.push(path.to_string());
+        }
+    });
+    if lora.enabled && adapted.is_empty() {
+        return Err(TrainError::Input(format!(
+            "lora.target_modules = {:?} matches no linear layer of the model",
+            lora.target_modules
+        )));
+    }
+    Ok(adapted)
+}
+
+/// The regexes of the parameters a run trains (LoRA factors and fully trained components).
+fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<String> {
+    let mut out = vec![r"\.lora\.lora_[ab]$".to_string()];
+    for component in [Component::Vision, Component::Projector, Component::Language] {
+        if group_of(groups, component) == GroupTraining::Full {
+            if let Some(prefix) = M::component_prefix(component) {
+                out.push(format!("^{}", regex::escape(prefix)));
+            }
+        }
+    }
+    out
+}
+
+/// The optimizer: AdamW, without weight decay on biases and norm weights (as transformers'
+/// `Trainer` groups them).
+fn build_optimizer(config: &ExperimentConfig) -> Result<ModuleOptimizer> {
+    let o = &config.optim;
+    let adamw = AdamWConfig::new()
+        .with_beta_1(o.betas[0] as f32)
+        .with_beta_2(o.betas[1] as f32)
+        .with_epsilon(o.eps as f32)
+        .with_weight_decay(o.weight_decay as f32);
+    let no_decay = ParamGroup::from_regex(r"(\.bias|\.gamma|\.beta)$")
+        .map_err(|e| TrainError::Input(format!("{e:?}")))?;
+    Ok(adamw
+        .init()
+        .with_group(no_decay, adamw.clone().with_weight_decay(0.0).build(), None))
+}
+
+fn build_scheduler<M: TrainableModel>(
+    config: &ExperimentConfig,
+    warmup: u64,
+    total: u64,
+) -> Result<ModuleLrScheduler> {
+    let kind = config.schedule.kind;
+    let (vision, projector, lm) = config.optim.group_lrs();
+    let mut scheduler =
+        ModuleLrScheduler::new(WarmupSchedule::new(config.optim.lr, kind, warmup, total));
+    for (component, lr) in [
+        (Component::Vision, vision),
+        (Component::Projector, projector),
+        (Component::Language, lm),
+    ] {
+        if let Some(prefix) = M::component_prefix(component).filter(|p| !p.is_empty()) {
+            let group = ParamGroup::from_regex(format!("^{}", regex::escape(prefix)))
+                .map_err(|e| TrainError::Input(format!("{e:?}")))?;
+            scheduler = scheduler.with_group(group, WarmupSchedule::new(lr, kind, warmup, total));
+        }
+    }
+    Ok(scheduler)
+}
+
+/// Total optimizer steps of the run.
+pub fn total_steps(config: &ExperimentConfig, num_samples: usize) -> u64 {
+    let per_step = (config.train.batch_size * config.train.grad_accumulation).max(1);
+    match config.train.stop_at() {
+        StopAt::Steps(n) => n,
+        StopAt::Epochs(e) => (num_samples * e as usize).div_ceil(per_step) as u64,
+    }
+}
+
+/// Draws samples in mixture order across epochs.
+struct SampleStream<'a> {
+    sampler: &'a MixtureSampler,
+    epoch: u64,
+    index: usize,
+    order: Vec<SampleRef>,
+}
+
+impl<'a> SampleStream<'a> {
+    fn new(sampler: &'a MixtureSampler, epoch: u64, index: usize) -> Self {
+        SampleStream {
+            sampler,
+            epoch,
+            index,
+            order: sampler.epoch(epoch),
+        }
+    }
+
+    fn next_sample(&mut self) -> SampleRef {
+        if self.index >= self.order.len() {
+            self.epoch += 1;
+            self.index = 0;
+            self.order = self.sampler.epoch(self.epoch);
+        }
+        let s = self.order[self.index];
+        self.index += 1;
+        s
+    }
+}
+
+/// Draws and encodes samples until `count` examples are ready; refused records are counted
+/// (never silently truncated).
+fn next_examples(
+    stream: &mut SampleStream,
+    datasets: &[Dataset],
+    context: &RunContext,
+    count: usize,
+    refused: &mut BTreeMap<String, usize>,
+) -> Result<Vec<SftExample>> {
+    let mut out = Vec::with_capacity(count);
+    let mut attempts = 0usize;
+    let limit = stream.order.len().max(1) * 2 + count;
+    while out.len() < count {
+        attempts += 1;
+        if attempts > limit {
+            return Err(TrainError::Input(format!(
+                "every record drawn was refused ({refused:?}); check data.max_length and the data"
+            )));
+        }
+        let sample = stream.next_sample();
+        let conversation = &datasets[sample.dataset].records[sample.record];
+        match encode_conversation(
+            context.processor,
+            conversation,
+            context.config.data.max_length,
+        )? {
+            Ok(example) => out.push(example),
+            Err(refusal) => {
+                if context.config.data.on_error == OnError::Fail {
+                    return Err(TrainError::Record {
+                        path: conversation.source.file.to_path_buf(),
+                        line: conversation.source.line,
+                        message: format!(
+                            "{refusal} (set data.on_error = \"skip\" to skip such records)"
+                        ),
+                    });
+                }
+                tracing::warn!("{}: skipped: {refusal}", conversation.source);
+                *refused.entry(refusal.kind().to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The dropout seed of one optimizer step.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(step.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+fn run<M>(mut model: M, context: &RunContext) -> Result<TrainSummary>
+where
+    M: TrainableModel + ModuleSnapshot + Clone,
+{
+    let config = context.config;
+    let device = context.device;
+    let run_dir = config.train.output_dir.clone();
+    fs::create_dir_all(&run_dir).map_err(|source| TrainError::Io {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let groups = config.trainable_groups();
+
+    // Resume point.
+    let resume_dir = match &context.options.resume {
+        None => None,
+        Some(Resume::Dir(dir)) => Some(dir.clone()),
+        Some(Resume::Latest) => match list_checkpoints(&run_dir).pop() {
+            Some((_, dir)) => Some(dir),
+            None => {
+                return Err(TrainError::Checkpoint(format!(
+                    "--resume: no checkpoint-* directory with a {TRAINER_STATE} in {}",
+                    run_dir.display()
+                )))
+            }
+        },
+    };
+    let state: Option<TrainerState> = match &resume_dir {
+        Some(dir) => {
+            let path = dir.join(TRAINER_STATE);
+            let text = fs::read_to_string(&path).map_err(|source| TrainError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?,
+            )
+        }
+        None => None,
+    };
+
+    // Model: adapters, then the trained weights of the checkpoint, then ids and gradients.
+    device.seed(config.train.seed);
+    let adapted = attach_lora(&mut model, config, device)?;
+    if let Some(dir) = &resume_dir {
+        load_trainable(&mut model, &dir.join(TRAINABLE_WEIGHTS))?;
+    }
+    let trained = |path: &str| {
+        if is_lora_path(path) {
+            return true;
+        }
+        group_of(&groups, M::component_of(path)) == GroupTraining::Full
+    };
+    let mut model = prepare_params(model, &trained);
+    let table = param_table(&model);
+    let total_parameters: usize = table.values().map(|p| p.numel).sum();
+    let trainable_parameters: usize = table
+        .iter()
+        .filter(|(path, _)| trained(path))
+        .map(|(_, p)| p.numel)
+        .sum();
+    if trainable_parameters == 0 {
+        return Err(TrainError::Input(
+            "nothing to train: every group is frozen (see train.freeze_* and [lora])".into(),
+        ));
+    }
+    tracing::info!(
+        "trainable parameters: {trainable_parameters} of {total_parameters} ({:.2}%); LoRA on {} layers",
+        100.0 * trainable_parameters as f64 / total_parameters as f64,
+        adapted.len()
+    );
+
+    // Data.
+    let datasets = config
+        .data
+        .load_datasets()
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    for d in &datasets {
+        if d.report.skipped_total() > 0 {
+            tracing::warn!(
+                "{}: {} record(s) skipped while loading",
+                d.path.display(),
+                d.report.skipped_total()
+            );
+        }
+    }
+    let sampler = config
+        .data
+        .sampler(&datasets, config.train.seed)
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let eval_datasets: Vec<Dataset> = config
+        .data
+        .eval_datasets
+        .iter()
+        .map(|d| {
+            resonance_core::data::load_dataset(&d.path, &d.load_options(config.data.on_error))
+                .map_err(|e| TrainError::Input(e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let total = total_steps(config, sampler.num_samples());
+    let warmup = config.schedule.warmup_steps_for(total);
+
+    // Optimizer and schedule.
+    let mut optimizer = build_optimizer(config)?;
+    let mut scheduler = build_scheduler::<M>(config, warmup, total)?;
+    let (mut global_step, mut stream, mut losses, mut refused) = match &state {
+        Some(s) => (
+            s.global_step,
+            SampleStream::new(&sampler, s.epoch, s.sample_index),
+            s.losses.clone(),
+            s.refused.clone(),
+        ),
+        None => (
+            0,
+            SampleStream::new(&sampler, 0, 0),
+            Vec::new(),
+            BTreeMap::new(),
+        ),
+    };
+    if let Some(dir) = &resume_dir {
+        let path = dir.join(OPTIMIZER_STATE);
+        optimizer = optimizer
+            .load(&path)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let path = dir.join(SCHEDULER_STATE);
+        let record = LrSchedulerRecord::load(&path)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        scheduler = scheduler.load_record(record);
+        tracing::info!("resumed from {} at step {global_step}", dir.display());
+    }
+
+    // The run directory: resolved config, metrics.
+    let config_text = config
+        .to_toml_string()
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    write_file(&run_dir.join("config.toml"), config_text.as_bytes())?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, global_step)?;
+    let mut metrics = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|source| TrainError::Io {
+            path: metrics_path.clone(),
+            source,
+        })?;
+
+    let stop_at = context
+        .options
+        .stop_after
+        .map(|s| s.min(total))
+        .unwrap_or(total);
+    let progress = if context.options.progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(global_step);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let pad_id = context
+        .processor
+        .tokenizer
+        .pad_token_id()
+        .or(context.processor.tokenizer.eos_token_id())
+        .unwrap_or(0);
+    let accumulation = config.train.grad_accumulation;
+    let batch_size = config.train.batch_size;
+    let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
+
+    while global_step < stop_at {
+        let started = Instant::now();
+        device.seed(step_seed(config.train.seed, global_step));
+        let mut micro_batches = Vec::with_capacity(accumulation);
+        for _ in 0..accumulation {
+            let examples =
+                next_examples(&mut stream, &datasets, context, batch_size, &mut refused)?;
+            micro_batches.push(SftBatch::collate(&examples, pad_id));
+        }
+        let normalizer = micro_batches
+            .iter()
+            .map(SftBatch::num_targets)
+            .sum::<usize>() as f64;
+        let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
+        let mut accumulator = GradientsAccumulator::<M>::new();
+        let mut step_loss = 0f64;
+        for batch in &micro_batches {
+            let pixels = context.processor.pixel_values(&batch.images, device)?;
+            let logits = model.forward_inputs(
+                ModelInputs {
+                    input_ids: &batch.input_ids,
+                    attention_mask: &batch.attention_mask,
+                    pixel_values: pixels,
+                },
+                device,
+            )?;
+            let loss = sft_loss(logits, &batch.targets, normalizer);
+            step_loss += loss.clone().into_scalar::<f64>();
+            let grads = loss.backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_grad_norm(&model, &mut grads, config.optim.max_grad_norm);
+        let lrs = scheduler.step();
+        let lr = lrs.base();
+        model = optimizer.step(lrs, model, grads);
+        global_step += 1;
+        if !step_loss.is_finite() {
+            return Err(TrainError::Input(format!(
+                "the loss is {step_loss} at step {global_step}; lower optim.lr or check the data"
+            )));
+        }
+        losses.push((global_step, step_loss));
+
+        let seconds = started.elapsed().as_secs_f64();
+        let evaluate = !eval_datasets.is_empty()
+            && ((config.train.eval_every > 0 && global_step % config.train.eval_every == 0)
+                || global_step == total);
+        let eval_loss = if evaluate {
+            let loss = evaluate_loss(&model, &eval_datasets, context, pad_id)?;
+            tracing::info!("step {global_step}: eval_loss {loss:.4}");
+            Some(loss)
+        } else {
+            None
+        };
+        run_seconds += seconds;
+        run_tokens += tokens;
+        run_steps += 1;
+        let line = json!({
+            "step": global_step,
+            "epoch": stream.epoch as f64 + stream.index as f64 / sampler.num_samples() as f64,
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_second": tokens as f64 / seconds,
+            "step_seconds": seconds,
+        });
+        let line = match (line, eval_loss) {
+            (serde_json::Value::Object(mut map), Some(loss)) => {
+                map.insert("eval_loss".into(), json!(loss));
+                serde_json::Value::Object(map)
+            }
+            (line, _) => line,
+        };
+        writeln!(metrics, "{line}").map_err(|source| TrainError::Io {
+            path: metrics_path.clone(),
+            source,
+        })?;
+        progress.set_position(global_step);
+        progress.set_message(format!(
+            "loss {step_loss:.4} lr {lr:.2e} {:.0} tok/s",
+            tokens as f64 / seconds
+        ));
+        if global_step % config.train.log_every.max(1) == 0 || global_step == total {
+            tracing::info!(
+                "step {global_step}/{total} loss {step_loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s",
+                tokens as f64 / seconds
+            );
+        }
+
+        let save_now = (config.train.save_every > 0 && global_step % config.train.save_every == 0)
+            || global_step == stop_at;
+        if save_now {
+            let state = TrainerState {
+                global_step,
+                total_steps: total,
+                epoch: stream.epoch,
+                sample_index: stream.index,
+                seed: config.train.seed,
+                losses: losses.clone(),
+                refused: refused.clone(),
+            };
+            let dir = run_dir.join(format!("checkpoint-{global_step}"));
+            write_dir_atomically(&dir, |tmp| {
+                save_trainable(
+                    &model,
+                    trained_regexes::<M>(&groups),
+                    &tmp.join(TRAINABLE_WEIGHTS),
+                )?;
+                let path = tmp.join(OPTIMIZER_STATE);
+                optimizer
+                    .save(&path)
+                    .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+                let path = tmp.join(SCHEDULER_STATE);
+                scheduler
+                    .to_record()
+                    .save(&path)
+                    .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+                let text = serde_json::to_string_pretty(&state)
+                    .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+                write_file(&tmp.join(TRAINER_STATE), text.as_bytes())
+            })?;
+            rotate_checkpoints(&run_dir, config.train.save_total_limit)?;
+        }
+    }
+    progress.finish_and_clear();
+
+    let final_dir = if global_step >= total {
+        let dir = run_dir.join("final");
+        export_final(&model, context, &adapted, &groups, &dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(TrainSummary {
+        run_dir,
+        losses,
+        global_step,
+        total_steps: total,
+        final_dir,
+        mean_step_seconds: if run_steps > 0 {
+            run_seconds / run_steps as f64
+        } else {
+            0.0
+        },
+        tokens_per_second: if run_seconds > 0.0 {
+            run_tokens as f64 / run_seconds
+        } else {
+            0.0
+        },
+        refused,
+        trainable_parameters,
+        total_parameters,
+    })
+}
+
+/// The token-averaged loss over every encodable record of the evaluation datasets, with
+/// dropout off and without recording gradients.
+fn evaluate_loss<M: TrainableModel>(
+    model: &M,
+    datasets: &[Dataset],
+    context: &RunContext,
+    pad_id: u32,
+) -> Result<f64> {
+    let model = model.valid();
+    let device = context.device.clone().inner();
+    let mut examples = Vec::new();
+    for dataset in datasets {
+        for conversation in &dataset.records {
+            if let Ok(example) = encode_conversation(
+                context.processor,
+                conversation,
+                context.config.data.max_length,
+            )? {
+                examples.push(example);
+            }
+        }
+    }
+    let total_targets: usize = examples.iter().map(|e| e.num_trained()).sum();
+    if total_targets == 0 {
+        return Err(TrainError::Input(
+            "the evaluation datasets have no usable record".into(),
+        ));
+    }
+    let mut sum = 0f64;
+    for chunk in examples.chunks(context.config.train.batch_size.max(1)) {
+        let batch = SftBatch::collate(chunk, pad_id);
+        let pixels = context.processor.pixel_values(&batch.images, &device)?;
+        let logits = model.forward_inputs(
+            ModelInputs {
+                input_ids: &batch.input_ids,
+                attention_mask: &batch.attention_mask,
+                pixel_values: pixels,
+            },
+            &device,
+        )?;
+        sum += sft_loss(logits, &batch.targets, total_targets as f64).into_scalar::<f64>();
+    }
+    Ok(sum)
+}
+
+/// The adapter description of a LoRA run.
+pub fn adapter_config<M: TrainableModel>(
+    config: &ExperimentConfig,
+    adapted: &[String],
+    base: &str,
+) -> (AdapterConfig, Vec<String>) {
+    let groups = config.trainable_groups();
+    let mut names: Vec<String> = adapted
+        .iter()
+        .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut modules_to_save = Vec::new();
+    let mut full_prefixes = Vec::new();
+    for component in [Component::Vision, Component::Projector, Component::Language] {
+        if group_of(&groups, component) == GroupTraining::Full {
+            if let Some(prefix) = M::component_prefix(component).filter(|p| !p.is_empty()) {
+                let module = prefix.trim_end_matches('.');
+                modules_to_save.push(module.to_string());
+                full_prefixes.push(prefix.to_string());
+            }
+        }
+    }
+    (
+        AdapterConfig {
+            peft_type: "LORA".into(),
+            r: config.lora.rank,
+            lora_alpha: config.lora.alpha,
+            lora_dropout: config.lora.dropout,
+            target_modules: names,
+            modules_to_save: (!modules_to_save.is_empty()).then_some(modules_to_save),
+            base_model_name_or_path: Some(base.to_string()),
+            bias: Some("none".into()),
+            use_rslora: false,
+            use_dora: false,
+            fan_in_fan_out: false,
+        },
+        full_prefixes,
+    )
+}
+
+fn export_final<M: TrainableModel + ModuleSnapshot + Clone>(
+    model: &M,
+    context: &RunContext,
+    adapted: &[String],
+    groups: &TrainableGroups,
+    dir: &Path,
+) -> Result<()> {
+    let _ = groups;
+    let config = context.config;
+    write_dir_atomically(dir, |tmp| {
+        if config.lora.enabled {
+            let (adapter, full_prefixes) = adapter_config::<M>(config, adapted, &config.model.path);
+            save_peft_adapter(&model.valid(), &adapter, &full_prefixes, tmp)?;
+            // The base model's tokenizer and templates travel with the adapter, as PEFT does.
+            crate::checkpoint::copy_model_files(context.model_dir, tmp)?;
+            let _ = fs::remove_file(tmp.join("config.json"));
+            Ok(())
+        } else {
+            save_hf_model(&model.valid(), context.model_dir, tmp)
+        }
+    })?;
+    tracing::info!("wrote {}", dir.display());
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Drops metric lines past `step` (a resumed run rewrites the steps after its checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_file(path, kept.as_bytes())
+}
+
+/// `resonance merge-lora`: the base model with a PEFT adapter folded in, written as a full
+/// transformers checkpoint.
+pub fn merge_lora(base: &str, adapter_dir: &Path, out: &Path, device: &Device) -> Result<()> {
+    let base_dir = resolve_model(base)?;
+    let model = AnyModel::load(&base_dir, device)?;
+    fn merge<M: TrainableModel + ModuleSnapshot + Clone>(
+        mut model: M,
+        adapter_dir: &Path,
+        base_dir: &Path,
+        out: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        crate::checkpoint::attach_peft_adapter(&mut model, adapter_dir, device)?;
+        write_dir_atomically(out, |tmp| save_hf_model(&model, base_dir, tmp))
+    }
+    match model {
+        AnyModel::Text(m, _) => merge(*m, adapter_dir, &base_dir, out, device),
+        AnyModel::Llava(m, _) => merge(*m, adapter_dir, &base_dir, out, device),
+    }
+}
