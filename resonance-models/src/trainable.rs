@@ -44,6 +44,13 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     /// Logits `[b, t, vocab]` of a batch.
     fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>>;
 
+    /// Logits of a preference batch: rows `0..n` are the chosen sequences of `n` pairs, rows
+    /// `n..2n` the rejected ones, and `pixel_values` holds the images of the `n` pairs once.
+    /// Each image is encoded once and its features serve both sequences of its pair.
+    fn forward_pairs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+        self.forward_inputs(inputs, device)
+    }
+
     /// `(regex, replacement)` renames from module paths to the tensor names transformers writes
     /// in `model.safetensors` for this architecture.
     fn checkpoint_renames() -> Vec<(&'static str, &'static str)>;
@@ -124,6 +131,17 @@ impl TrainableModel for Llava {
             None,
             device,
         )
+    }
+
+    fn forward_pairs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+        let features = inputs.pixel_values.map(|pixels| {
+            let once = self.image_features(pixels);
+            Tensor::cat(vec![once.clone(), once], 0)
+        });
+        let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
+        Ok(self
+            .language_model
+            .forward_embeds(embeds, inputs.attention_mask, None))
     }
 
     fn checkpoint_renames() -> Vec<(&'static str, &'static str)> {

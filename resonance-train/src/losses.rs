@@ -34,77 +34,7 @@ pub enum LossConfigError {
     Parameter { name: &'static str, value: f64 },
 }
 
-/// DPO loss variants; serde names are TRL's `loss_type` strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DpoLossType {
-    /// `−logσ(βΔ)`; with `label_smoothing` > 0 the conservative cDPO form (see [`dpo_loss`]).
-    #[default]
-    Sigmoid,
-    /// Robust DPO: `(−(1−ε)logσ(βΔ) + ε logσ(−βΔ)) / (1 − 2ε)`.
-    Robust,
-    /// `relu(1 − βΔ)` (SLiC).
-    Hinge,
-    /// IPO on length-averaged log-ratios: `(lc/|y_c| − lr/|y_r| − 1/(2β))²`.
-    Ipo,
-    /// EXO-pref (K = 2) with label smoothing ε.
-    ExoPair,
-    /// NCA: `−logσ(βlc) − ½logσ(−βlc) − ½logσ(−βlr)`.
-    NcaPair,
-    /// BCO on pairs: `−logσ(βlc) − logσ(−βlr)` (TRL 1.16: no running-mean shift).
-    BcoPair,
-    /// SPPO with hard probabilities: `(lc − 1/(2β))² + (lr + 1/(2β))²`.
-    SppoHard,
-    /// APO-zero: `1 − σ(βlc) + σ(βlr)`.
-    ApoZero,
-    /// APO-down: `σ(βlc) + 1 − σ(β(lc − lr))`.
-    ApoDown,
-    /// DiscoPOP: `(1−m)·(−logσ(βΔ)) + m·exp(−βΔ)`, `m = σ(βΔ/τ)`.
-    Discopop,
-    /// Sigmoid on length-averaged log-ratios: `−logσ(β(lc/|y_c| − lr/|y_r|))`.
-    SigmoidNorm,
-}
-
-impl DpoLossType {
-    /// Every variant, in declaration order.
-    pub const ALL: [DpoLossType; 12] = [
-        Self::Sigmoid,
-        Self::Robust,
-        Self::Hinge,
-        Self::Ipo,
-        Self::ExoPair,
-        Self::NcaPair,
-        Self::BcoPair,
-        Self::SppoHard,
-        Self::ApoZero,
-        Self::ApoDown,
-        Self::Discopop,
-        Self::SigmoidNorm,
-    ];
-
-    /// TRL's name of the loss type (equal to the serde name).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sigmoid => "sigmoid",
-            Self::Robust => "robust",
-            Self::Hinge => "hinge",
-            Self::Ipo => "ipo",
-            Self::ExoPair => "exo_pair",
-            Self::NcaPair => "nca_pair",
-            Self::BcoPair => "bco_pair",
-            Self::SppoHard => "sppo_hard",
-            Self::ApoZero => "apo_zero",
-            Self::ApoDown => "apo_down",
-            Self::Discopop => "discopop",
-            Self::SigmoidNorm => "sigmoid_norm",
-        }
-    }
-
-    /// Whether the loss divides by completion lengths (the `lengths` argument of [`dpo_loss`]).
-    pub fn needs_lengths(self) -> bool {
-        matches!(self, Self::Ipo | Self::SigmoidNorm)
-    }
-}
+pub use resonance_core::config::DpoLossType;
 
 /// Parameters of [`dpo_loss`]. Defaults are TRL's `DPOConfig` defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -63,7 +63,7 @@ impl Refusal {
 
 /// A message as chat templates take it: a plain string when it has no image, else a list of
 /// `{"type": "image"}` / `{"type": "text", "text": ...}` parts.
-fn message_json(message: &Message) -> Value {
+pub fn message_json(message: &Message) -> Value {
     let content = if message.num_images() == 0 {
         Value::String(message.text_content())
     } else {

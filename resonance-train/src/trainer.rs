@@ -16,15 +16,16 @@ use burn::module::ParamGroup;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::optim::lr_scheduler::LrSchedulerRecord;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use burn_store::ModuleSnapshot;
 use indicatif::{ProgressBar, ProgressStyle};
+use resonance_core::config::Method;
 use resonance_core::config::{
     ExperimentConfig, GroupTraining, StopAt, TargetModules, TrainableGroups,
 };
-use resonance_core::data::{Dataset, MixtureSampler, OnError, SampleRef};
+use resonance_core::data::{Conversation, Dataset, MixtureSampler, OnError, SampleRef};
 use resonance_models::load::resolve_model;
-use resonance_models::nn::linear::LoraSpec;
+use resonance_models::nn::linear::{AdaptersDisabled, LoraSpec};
 use resonance_models::processor::Processor;
 use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
@@ -38,7 +39,7 @@ use crate::checkpoint::{
 use crate::error::{Result, TrainError};
 use crate::params::{clip_grad_norm, is_lora_path, param_table, prepare_params};
 use crate::schedule::WarmupSchedule;
-use crate::sft::{encode_conversation, sft_loss, SftBatch, SftExample};
+use crate::sft::{encode_conversation, sft_loss, Refusal, SftBatch};
 
 /// Linear layers LoRA targets under `target_modules = "auto"`.
 pub const AUTO_LM_TARGETS: [&str; 7] = [
@@ -268,13 +269,14 @@ impl<'a> SampleStream<'a> {
 
 /// Draws and encodes samples until `count` examples are ready; refused records are counted
 /// (never silently truncated).
-fn next_examples(
+fn next_items<T>(
     stream: &mut SampleStream,
     datasets: &[Dataset],
     context: &RunContext,
     count: usize,
     refused: &mut BTreeMap<String, usize>,
-) -> Result<Vec<SftExample>> {
+    encode: impl Fn(&Conversation) -> Result<std::result::Result<T, Refusal>>,
+) -> Result<Vec<T>> {
     let mut out = Vec::with_capacity(count);
     let mut attempts = 0usize;
     let limit = stream.order.len().max(1) * 2 + count;
@@ -287,11 +289,7 @@ fn next_examples(
         }
         let sample = stream.next_sample();
         let conversation = &datasets[sample.dataset].records[sample.record];
-        match encode_conversation(
-            context.processor,
-            conversation,
-            context.config.data.max_length,
-        )? {
+        match encode(conversation)? {
             Ok(example) => out.push(example),
             Err(refusal) => {
                 if context.config.data.on_error == OnError::Fail {
@@ -489,41 +487,46 @@ where
         .pad_token_id()
         .or(context.processor.tokenizer.eos_token_id())
         .unwrap_or(0);
-    let accumulation = config.train.grad_accumulation;
-    let batch_size = config.train.batch_size;
+    // DPO's reference: nothing (reference-free), the policy with its adapters switched off
+    // (LoRA is all that trains), or a frozen copy of the initial weights.
+    let reference = match config.method.name {
+        Method::Dpo if config.method.reference_free => Reference::None,
+        Method::Dpo
+            if !adapted.is_empty() && !table.keys().any(|p| trained(p) && !is_lora_path(p)) =>
+        {
+            Reference::AdaptersOff
+        }
+        Method::Dpo => Reference::Copy(Box::new(model.valid())),
+        Method::Sft => Reference::None,
+    };
     let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
 
     while global_step < stop_at {
         let started = Instant::now();
         device.seed(step_seed(config.train.seed, global_step));
-        let mut micro_batches = Vec::with_capacity(accumulation);
-        for _ in 0..accumulation {
-            let examples =
-                next_examples(&mut stream, &datasets, context, batch_size, &mut refused)?;
-            micro_batches.push(SftBatch::collate(&examples, pad_id));
-        }
-        let normalizer = micro_batches
-            .iter()
-            .map(SftBatch::num_targets)
-            .sum::<usize>() as f64;
-        let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
         let mut accumulator = GradientsAccumulator::<M>::new();
-        let mut step_loss = 0f64;
-        for batch in &micro_batches {
-            let pixels = context.processor.pixel_values(&batch.images, device)?;
-            let logits = model.forward_inputs(
-                ModelInputs {
-                    input_ids: &batch.input_ids,
-                    attention_mask: &batch.attention_mask,
-                    pixel_values: pixels,
-                },
-                device,
-            )?;
-            let loss = sft_loss(logits, &batch.targets, normalizer);
-            step_loss += loss.clone().into_scalar::<f64>();
-            let grads = loss.backward();
-            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
-        }
+        let outcome = match config.method.name {
+            Method::Sft => sft_step(
+                &model,
+                &mut accumulator,
+                &mut stream,
+                &datasets,
+                context,
+                &mut refused,
+                pad_id,
+            )?,
+            Method::Dpo => dpo_step(
+                &model,
+                &reference,
+                &mut accumulator,
+                &mut stream,
+                &datasets,
+                context,
+                &mut refused,
+                pad_id,
+            )?,
+        };
+        let (step_loss, tokens) = (outcome.loss, outcome.tokens);
         let mut grads = accumulator.grads();
         let grad_norm = clip_grad_norm(&model, &mut grads, config.optim.max_grad_norm);
         let lrs = scheduler.step();
@@ -561,12 +564,17 @@ where
             "tokens_per_second": tokens as f64 / seconds,
             "step_seconds": seconds,
         });
-        let line = match (line, eval_loss) {
-            (serde_json::Value::Object(mut map), Some(loss)) => {
-                map.insert("eval_loss".into(), json!(loss));
+        let line = match line {
+            serde_json::Value::Object(mut map) => {
+                if let Some(loss) = eval_loss {
+                    map.insert("eval_loss".into(), json!(loss));
+                }
+                for (name, value) in &outcome.metrics {
+                    map.insert(name.to_string(), json!(value));
+                }
                 serde_json::Value::Object(map)
             }
-            (line, _) => line,
+            line => line,
         };
         writeln!(metrics, "{line}").map_err(|source| TrainError::Io {
             path: metrics_path.clone(),
@@ -647,6 +655,155 @@ where
         refused,
         trainable_parameters,
         total_parameters,
+    })
+}
+
+/// What one optimizer step's forward/backward passes produced.
+struct StepOutcome {
+    loss: f64,
+    tokens: usize,
+    metrics: Vec<(&'static str, f64)>,
+}
+
+/// DPO's reference model.
+enum Reference<M> {
+    None,
+    AdaptersOff,
+    Copy(Box<M>),
+}
+
+/// SFT: token-averaged cross-entropy over the assistant tokens of the accumulated batch.
+fn sft_step<M: TrainableModel>(
+    model: &M,
+    accumulator: &mut GradientsAccumulator<M>,
+    stream: &mut SampleStream,
+    datasets: &[Dataset],
+    context: &RunContext,
+    refused: &mut BTreeMap<String, usize>,
+    pad_id: u32,
+) -> Result<StepOutcome> {
+    let config = context.config;
+    let device = context.device;
+    let mut micro_batches = Vec::with_capacity(config.train.grad_accumulation);
+    for _ in 0..config.train.grad_accumulation {
+        let examples = next_items(
+            stream,
+            datasets,
+            context,
+            config.train.batch_size,
+            refused,
+            |c| encode_conversation(context.processor, c, config.data.max_length),
+        )?;
+        micro_batches.push(SftBatch::collate(&examples, pad_id));
+    }
+    let normalizer = micro_batches
+        .iter()
+        .map(SftBatch::num_targets)
+        .sum::<usize>() as f64;
+    let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
+    let mut loss_sum = 0f64;
+    for batch in &micro_batches {
+        let pixels = context.processor.pixel_values(&batch.images, device)?;
+        let logits = model.forward_inputs(
+            ModelInputs {
+                input_ids: &batch.input_ids,
+                attention_mask: &batch.attention_mask,
+                pixel_values: pixels,
+            },
+            device,
+        )?;
+        let loss = sft_loss(logits, &batch.targets, normalizer);
+        loss_sum += loss.clone().into_scalar::<f64>();
+        let grads = loss.backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    Ok(StepOutcome {
+        loss: loss_sum,
+        tokens,
+        metrics: Vec::new(),
+    })
+}
+
+/// DPO: the mean pair loss over the accumulated batch, with TRL's reward metrics.
+#[allow(clippy::too_many_arguments)]
+fn dpo_step<M: TrainableModel>(
+    model: &M,
+    reference: &Reference<M>,
+    accumulator: &mut GradientsAccumulator<M>,
+    stream: &mut SampleStream,
+    datasets: &[Dataset],
+    context: &RunContext,
+    refused: &mut BTreeMap<String, usize>,
+    pad_id: u32,
+) -> Result<StepOutcome> {
+    let config = context.config;
+    let device = context.device;
+    let loss_config = crate::dpo::loss_config(&config.method);
+    let accumulation = config.train.grad_accumulation;
+    let total_pairs = (config.train.batch_size * accumulation) as f64;
+    let (mut loss_sum, mut tokens) = (0f64, 0usize);
+    let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
+    for _ in 0..accumulation {
+        let pairs = next_items(
+            stream,
+            datasets,
+            context,
+            config.train.batch_size,
+            refused,
+            |c| {
+                crate::dpo::encode_pair(
+                    context.processor,
+                    c,
+                    config.data.max_length,
+                    config.data.max_prompt_length,
+                )
+            },
+        )?;
+        let batch = crate::dpo::PairBatch::collate(&pairs, pad_id);
+        tokens += batch.num_tokens();
+        let inputs = |pixels| ModelInputs {
+            input_ids: &batch.input_ids,
+            attention_mask: &batch.attention_mask,
+            pixel_values: pixels,
+        };
+        let pixels = context.processor.pixel_values(&batch.images, device)?;
+        let policy_logits = model.forward_pairs(inputs(pixels), device)?;
+        let policy = crate::dpo::sequence_logps(policy_logits, &batch.targets);
+        let rows = batch.input_ids.len();
+        let reference_logps = {
+            let plain = device.clone().inner();
+            let reference_of = |m: &M| -> Result<Tensor<1>> {
+                let pixels = context.processor.pixel_values(&batch.images, &plain)?;
+                let logits = m.forward_pairs(inputs(pixels), &plain)?;
+                Ok(crate::dpo::sequence_logps(logits, &batch.targets))
+            };
+            let values = match reference {
+                Reference::None => Tensor::<1>::zeros([rows], &plain),
+                Reference::AdaptersOff => {
+                    let _off = AdaptersDisabled::new();
+                    reference_of(&model.valid())?
+                }
+                Reference::Copy(copy) => reference_of(copy)?,
+            };
+            Tensor::<1>::from_data(values.into_data(), device)
+        };
+        let (out, metrics) =
+            crate::dpo::pair_loss(policy, reference_logps, &batch.lengths(), &loss_config)?;
+        let loss = out.losses.sum().div_scalar(total_pairs);
+        loss_sum += loss.clone().into_scalar::<f64>();
+        for (i, (name, value)) in metrics.into_iter().enumerate() {
+            match metric_sums.get_mut(i) {
+                Some(slot) => slot.1 += value / accumulation as f64,
+                None => metric_sums.push((name, value / accumulation as f64)),
+            }
+        }
+        let grads = loss.backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    Ok(StepOutcome {
+        loss: loss_sum,
+        tokens,
+        metrics: metric_sums,
     })
 }
 

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use super::error::Problem;
-use super::{ExperimentConfig, GroupTraining, TargetModules};
-use crate::data::Mixing;
+use super::{ExperimentConfig, GroupTraining, Method, TargetModules};
+use crate::data::{DataFormat, Mixing};
 
 /// Every problem of `cfg`, in section order.
 pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
@@ -93,6 +93,32 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
                     "must be > 0 and below data.max_length ({}), got {mp}",
                     data.max_length
                 ),
+            );
+        }
+    }
+
+    // [method]
+    let method = &cfg.method;
+    if method.name == Method::Dpo {
+        for (i, d) in data.datasets.iter().chain(&data.eval_datasets).enumerate() {
+            if d.format != DataFormat::PlainDpo {
+                add(
+                    &format!("data.datasets[{i}].format"),
+                    format!(
+                        "method dpo trains on preference pairs: the format must be \
+                         \"plain_dpo\", got \"{}\"",
+                        d.format.as_str()
+                    ),
+                );
+            }
+        }
+        if !(method.beta.is_finite() && method.beta > 0.0) {
+            add("method.beta", format!("must be > 0, got {}", method.beta));
+        }
+        if !(0.0..0.5).contains(&method.label_smoothing) {
+            add(
+                "method.label_smoothing",
+                format!("must be in [0, 0.5), got {}", method.label_smoothing),
             );
         }
     }

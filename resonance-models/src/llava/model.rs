@@ -50,6 +50,10 @@ pub struct Llava {
     pub settings: LlavaSettings,
 }
 
+struct LlavaIdsOnly<'a> {
+    input_ids: &'a [Vec<u32>],
+}
+
 /// A batch as the model consumes it.
 pub struct LlavaInputs<'a> {
     /// Token ids `[b][t]` with each `<image>` already expanded to `tokens_per_image` copies.
@@ -133,6 +137,19 @@ impl Llava {
 
     /// Text embeddings with image features placed at the image-token positions.
     pub fn merged_embeddings(&self, inputs: &LlavaInputs, device: &Device) -> Result<Tensor<3>> {
+        let features = inputs.pixel_values.clone().map(|p| self.image_features(p));
+        self.embeddings_with_features(inputs.input_ids, features, device)
+    }
+
+    /// Text embeddings with already computed image `features` (`[n, tokens, hidden]`, in the
+    /// row-major order of the image tokens) placed at the image-token positions.
+    pub fn embeddings_with_features(
+        &self,
+        input_ids: &[Vec<u32>],
+        features: Option<Tensor<3>>,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        let inputs = LlavaIdsOnly { input_ids };
         let image_token = self.settings.image_token_id;
         let b = inputs.input_ids.len();
         let t = inputs.input_ids.first().map(Vec::len).unwrap_or(0);
@@ -159,7 +176,7 @@ impl Llava {
             })
             .collect();
         let text = self.language_model.embed(&text_ids, device);
-        let Some(pixels) = inputs.pixel_values.clone() else {
+        let Some(features) = features else {
             if n_image_tokens > 0 {
                 return Err(ModelError::Input(format!(
                     "{n_image_tokens} image tokens but no images"
@@ -167,7 +184,6 @@ impl Llava {
             }
             return Ok(text);
         };
-        let features = self.image_features(pixels);
         let [n, per_image, hidden] = features.dims();
         if n * per_image != n_image_tokens {
             return Err(ModelError::Input(format!(

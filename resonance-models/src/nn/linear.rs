@@ -43,6 +43,40 @@ pub struct LoraAdapter {
     pub scale: f64,
 }
 
+thread_local! {
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, every [`Linear`] built into a forward on this thread ignores its LoRA adapter:
+/// the base model, e.g. DPO's reference, without a second copy of the weights.
+pub struct AdaptersDisabled {
+    previous: bool,
+}
+
+impl AdaptersDisabled {
+    pub fn new() -> Self {
+        AdaptersDisabled {
+            previous: ADAPTERS_OFF.with(|off| off.replace(true)),
+        }
+    }
+}
+
+impl Default for AdaptersDisabled {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AdaptersDisabled {
+    fn drop(&mut self) {
+        ADAPTERS_OFF.with(|off| off.set(self.previous));
+    }
+}
+
+fn adapters_disabled() -> bool {
+    ADAPTERS_OFF.with(|off| off.get())
+}
+
 /// How to build a LoRA adapter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraSpec {
@@ -95,8 +129,8 @@ impl Linear {
             self.bias.as_ref().map(|b| b.val()),
         );
         match &self.lora {
-            Some(adapter) => base + adapter.forward(x),
-            None => base,
+            Some(adapter) if !adapters_disabled() => base + adapter.forward(x),
+            _ => base,
         }
     }
 
@@ -243,6 +277,12 @@ mod tests {
                 .into_scalar::<f32>()
                 > 1e-3
         );
+        {
+            let _off = AdaptersDisabled::new();
+            let off = layer.forward(x.clone());
+            off.to_data()
+                .assert_approx_eq::<f32>(&before.to_data(), Default::default());
+        }
         layer.merge_lora();
         assert!(layer.lora.is_none());
         layer

@@ -287,6 +287,7 @@ impl ClipVisionModel {
     /// Hidden states `0..=up_to` as transformers' `output_hidden_states` numbers them (0 is the
     /// embedding output, `i` the output of layer `i - 1`); layers past `up_to` are not run.
     pub fn hidden_states(&self, pixel_values: Tensor<4>, up_to: usize) -> Vec<Tensor<3>> {
+        VISION_TOWER_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut states = vec![self.embed(pixel_values)];
         for layer in self.vision_model.encoder.layers.iter().take(up_to) {
             let next = layer.forward(states.last().expect("embedding state").clone());
@@ -295,6 +296,11 @@ impl ClipVisionModel {
         states
     }
 }
+
+/// How many times a CLIP tower has encoded images in this process (tests count the encodings
+/// of a preference batch with it).
+pub static VISION_TOWER_CALLS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 impl LinearLayers for ClipVisionModel {
     fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {

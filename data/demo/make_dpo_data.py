@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Writes data/demo/dpo/pairs.jsonl: preference pairs (`plain_dpo` format) over the demo images
+of data/demo/sft/images (made by make_sft_data.py). Deterministic; standard library only.
+
+    python3 data/demo/make_dpo_data.py
+"""
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle"]
+BACKGROUNDS = ["white", "black"]
+
+
+def main() -> None:
+    pairs = []
+    i = 0
+    for background in BACKGROUNDS:
+        for shape in SHAPES:
+            for colour in COLOURS:
+                image = f"{colour}_{shape}_{background}.png"
+                wrong_colour = COLOURS[(COLOURS.index(colour) + 1 + i % 3) % 4]
+                wrong_shape = SHAPES[(SHAPES.index(shape) + 1 + i % 2) % 3]
+                other_bg = BACKGROUNDS[1 - BACKGROUNDS.index(background)]
+                pairs.append({"image": image, "prompt": "What colour is the shape?",
+                              "chosen": f"{colour}.", "rejected": f"{wrong_colour}."})
+                pairs.append({"image": image, "prompt": "What shape is it?",
+                              "chosen": f"{shape}.", "rejected": f"{wrong_shape}."})
+                pairs.append({"image": image, "prompt": "What colour is the background?",
+                              "chosen": f"{background}.", "rejected": f"{other_bg}."})
+                i += 1
+    # Two images in one prompt, placed by placeholders.
+    for k, (a, b, same) in enumerate([
+        ("red_circle_white.png", "red_square_black.png", True),
+        ("blue_triangle_white.png", "green_triangle_black.png", False),
+        ("yellow_square_black.png", "yellow_circle_white.png", True),
+        ("green_circle_white.png", "red_circle_black.png", False),
+    ]):
+        pairs.append({"images": [a, b], "prompt": "<image>\n<image>\nSame colour?",
+                      "chosen": "yes." if same else "no.", "rejected": "no." if same else "yes."})
+    # Text only.
+    pairs.append({"prompt": "What colour is a banana?", "chosen": "yellow.", "rejected": "blue."})
+    pairs.append({"prompt": "What colour is grass?", "chosen": "green.", "rejected": "red."})
+    out = HERE / "dpo" / "pairs.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    print(f"wrote {len(pairs)} pairs to {out}")
+
+
+if __name__ == "__main__":
+    main()

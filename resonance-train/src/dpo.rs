@@ -1,0 +1,249 @@
+//! DPO on preference pairs: encoding, paired batches (one image encoding per pair), per-sequence
+//! log-probabilities, and the step's loss and TRL-named metrics.
+//!
+//! The prompt is the conversation up to the chosen answer rendered with the model's chat template
+//! and the generation prompt, tokenized with the tokenizer's special-token rule; each answer is
+//! tokenized without special tokens and followed by EOS — TRL's contract for prompt / completion
+//! data, the same as `resonance score`.
+
+use std::path::PathBuf;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use resonance_core::config::MethodConfig;
+use resonance_core::data::{Conversation, RecordSource};
+use resonance_models::processor::Processor;
+use serde_json::Value;
+
+use crate::error::{Result, TrainError};
+use crate::losses::{dpo_loss, DpoLossConfig, DpoLossOutput};
+use crate::sft::Refusal;
+
+/// One preference pair as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairExample {
+    /// Prompt ids (image tokens expanded).
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub images: Vec<PathBuf>,
+    pub source: RecordSource,
+}
+
+/// Encodes a preference record. The answers are cut to fit `max_length`; a prompt that leaves
+/// no room for an answer token is refused, as is one that `max_prompt_length` would cut
+/// inside an image (a text-only prompt is cut from the left, as TRL keeps its end).
+pub fn encode_pair(
+    processor: &Processor,
+    conversation: &Conversation,
+    max_length: usize,
+    max_prompt_length: Option<usize>,
+) -> Result<std::result::Result<PairExample, Refusal>> {
+    let record_error = |message: String| TrainError::Record {
+        path: conversation.source.file.to_path_buf(),
+        line: conversation.source.line,
+        message,
+    };
+    let rejected = conversation
+        .rejected
+        .as_ref()
+        .ok_or_else(|| record_error("not a preference record (no rejected answer)".into()))?;
+    let (answer, context) = conversation
+        .messages
+        .split_last()
+        .filter(|(last, _)| last.role == resonance_core::data::Role::Assistant)
+        .ok_or_else(|| {
+            record_error("a preference record must end with the chosen answer".into())
+        })?;
+    let template = match processor.template.as_ref() {
+        Some(t) => t,
+        None => {
+            return Ok(Err(Refusal::Template(
+                "the model has no chat template to render the prompt with".into(),
+            )))
+        }
+    };
+    let messages: Vec<Value> = context.iter().map(crate::sft::message_json).collect();
+    let text = match template.render(&Value::Array(messages), true, None) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(Refusal::Template(e.to_string()))),
+    };
+    let mut prompt = processor.prompt_ids(&text, conversation.images.len())?;
+    let image_id = processor.image_tokens.map(|(id, _)| id);
+    if let Some(limit) = max_prompt_length {
+        if prompt.len() > limit {
+            let cut = prompt.len() - limit;
+            if image_id.is_some_and(|id| prompt[..cut].contains(&id)) {
+                return Ok(Err(Refusal::ImageTokensTruncated {
+                    tokens: prompt.len(),
+                    max_length: limit,
+                }));
+            }
+            prompt.drain(..cut);
+        }
+    }
+    if prompt.len() >= max_length {
+        return Ok(Err(Refusal::NoAssistantTokens { max_length }));
+    }
+    let room = max_length - prompt.len();
+    let mut chosen = processor.response_ids(&answer.text_content())?;
+    let mut rejected = processor.response_ids(rejected)?;
+    chosen.truncate(room);
+    rejected.truncate(room);
+    Ok(Ok(PairExample {
+        prompt,
+        chosen,
+        rejected,
+        images: conversation.images.clone(),
+        source: conversation.source.clone(),
+    }))
+}
+
+/// `2n` right-padded rows: the chosen sequences of `n` pairs, then their rejected sequences.
+#[derive(Debug, Clone)]
+pub struct PairBatch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<bool>>,
+    /// `(position, token)` of each answer token (predicted from `position`).
+    pub targets: Vec<Vec<(usize, u32)>>,
+    /// The images of the `n` pairs, once.
+    pub images: Vec<PathBuf>,
+    pub pairs: usize,
+}
+
+impl PairBatch {
+    pub fn collate(pairs: &[PairExample], pad_id: u32) -> Self {
+        let rows: Vec<(&Vec<u32>, &Vec<u32>)> = pairs
+            .iter()
+            .map(|p| (&p.prompt, &p.chosen))
+            .chain(pairs.iter().map(|p| (&p.prompt, &p.rejected)))
+            .collect();
+        let width = rows
+            .iter()
+            .map(|(p, a)| p.len() + a.len())
+            .max()
+            .unwrap_or(0);
+        let mut batch = PairBatch {
+            input_ids: Vec::new(),
+            attention_mask: Vec::new(),
+            targets: Vec::new(),
+            images: pairs.iter().flat_map(|p| p.images.clone()).collect(),
+            pairs: pairs.len(),
+        };
+        for (prompt, answer) in rows {
+            let mut ids: Vec<u32> = prompt.iter().chain(answer.iter()).copied().collect();
+            let n = ids.len();
+            let targets = (prompt.len()..n).map(|p| (p - 1, ids[p])).collect();
+            ids.resize(width, pad_id);
+            let mut mask = vec![true; n];
+            mask.resize(width, false);
+            batch.input_ids.push(ids);
+            batch.attention_mask.push(mask);
+            batch.targets.push(targets);
+        }
+        batch
+    }
+
+    /// Answer lengths of the rows.
+    pub fn lengths(&self) -> Vec<f32> {
+        self.targets.iter().map(|t| t.len() as f32).collect()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.attention_mask.iter().flatten().filter(|&&m| m).count()
+    }
+}
+
+/// The summed log-probability of each row's targets, `[rows]`.
+pub fn sequence_logps(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Tensor<1> {
+    let [b, t, _] = logits.dims();
+    let device = logits.device();
+    let mut index = vec![0i64; b * t];
+    let mut weight = vec![0f32; b * t];
+    for (row, pairs) in targets.iter().enumerate() {
+        for &(pos, token) in pairs {
+            index[row * t + pos] = token as i64;
+            weight[row * t + pos] = 1.0;
+        }
+    }
+    let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
+    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
+    let picked = log_softmax(logits, 2).gather(2, index).reshape([b, t]);
+    (picked * weight).sum_dim(1).reshape([b])
+}
+
+/// The loss configuration of a `[method]` section.
+pub fn loss_config(method: &MethodConfig) -> DpoLossConfig {
+    DpoLossConfig {
+        loss_type: method.loss_type,
+        beta: method.beta,
+        label_smoothing: method.label_smoothing,
+        reference_free: method.reference_free,
+        ..DpoLossConfig::default()
+    }
+}
+
+/// The DPO loss of a batch of `n` pairs from the policy's and the reference's row log-probs
+/// (`[2n]`, chosen rows first), and TRL's metrics of it.
+pub fn pair_loss(
+    policy: Tensor<1>,
+    reference: Tensor<1>,
+    lengths: &[f32],
+    config: &DpoLossConfig,
+) -> Result<(DpoLossOutput, Vec<(&'static str, f64)>)> {
+    let [rows] = policy.dims();
+    let n = rows / 2;
+    let device = policy.device();
+    let pc = policy.clone().narrow(0, 0, n);
+    let pr = policy.clone().narrow(0, n, n);
+    let rc = reference.clone().narrow(0, 0, n);
+    let rr = reference.narrow(0, n, n);
+    let lengths = Tensor::<1>::from_data(TensorData::new(lengths.to_vec(), [rows]), &device);
+    let lengths = Some((lengths.clone().narrow(0, 0, n), lengths.narrow(0, n, n)));
+    let out = dpo_loss(pc.clone(), pr.clone(), rc, rr, lengths, config)
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let read = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .try_into_vec::<f32>()
+            .unwrap_or_else(|_| vec![f32::NAN; n])
+    };
+    let chosen = read(out.chosen_rewards.clone());
+    let rejected = read(out.rejected_rewards.clone());
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let accuracy =
+        chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count() as f64 / n.max(1) as f64;
+    let margins: Vec<f32> = chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect();
+    let metrics = vec![
+        ("rewards/chosen", mean(&chosen)),
+        ("rewards/rejected", mean(&rejected)),
+        ("rewards/accuracies", accuracy),
+        ("rewards/margins", mean(&margins)),
+        ("logps/chosen", mean(&read(pc.detach()))),
+        ("logps/rejected", mean(&read(pr.detach()))),
+    ];
+    Ok((out, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collate_puts_chosen_rows_first_and_targets_on_answers() {
+        let source = RecordSource::new(PathBuf::from("p.jsonl"), 1);
+        let pair = PairExample {
+            prompt: vec![1, 5, 6],
+            chosen: vec![7, 2],
+            rejected: vec![8, 9, 2],
+            images: vec![PathBuf::from("a.png")],
+            source,
+        };
+        let batch = PairBatch::collate(&[pair], 0);
+        assert_eq!(batch.input_ids[0], vec![1, 5, 6, 7, 2, 0]);
+        assert_eq!(batch.input_ids[1], vec![1, 5, 6, 8, 9, 2]);
+        assert_eq!(batch.targets[0], vec![(2, 7), (3, 2)]);
+        assert_eq!(batch.targets[1], vec![(2, 8), (3, 9), (4, 2)]);
+        assert_eq!(batch.lengths(), vec![2.0, 3.0]);
+        assert_eq!(batch.images.len(), 1);
+    }
+}

@@ -1,0 +1,180 @@
+//! DPO end to end on the tiny LLaVA and the demo preference pairs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use burn::tensor::Device;
+use resonance_core::config::ExperimentConfig;
+use resonance_models::vision::clip::VISION_TOWER_CALLS;
+use resonance_train::trainer::{train, TrainOptions, TrainSummary};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Training runs share the process-wide RNG and the vision-call counter: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn config(data: &Path, out: &Path, extra: &str) -> ExperimentConfig {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[data]
+max_length = 128
+[[data.datasets]]
+path = "{data}"
+format = "plain_dpo"
+image_root = "{images}"
+[method]
+name = "dpo"
+beta = 0.1
+[optim]
+lr = 3e-3
+[train]
+batch_size = 4
+save_every = 0
+output_dir = "{out}"
+{extra}
+"#,
+        model = root().join("fixtures/tiny-llava").display(),
+        data = data.display(),
+        images = root().join("data/demo/sft/images").display(),
+        out = out.display(),
+    );
+    let config = ExperimentConfig::from_str(&text).expect("parses");
+    config.validate().expect("valid");
+    config
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn run(config: &ExperimentConfig) -> TrainSummary {
+    train(config, &TrainOptions::default(), &Device::flex()).expect("trains")
+}
+
+#[test]
+fn demo_dpo_starts_at_ln2_and_learns_the_preferences() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = ExperimentConfig::load(root().join("configs/demo_dpo.toml"), &[] as &[&str])
+        .expect("the demo config loads");
+    for d in &mut cfg.data.datasets {
+        d.path = root().join(&d.path);
+        d.image_root = d.image_root.as_ref().map(|r| root().join(r));
+    }
+    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    cfg.train.output_dir = out.path().to_path_buf();
+    run(&cfg);
+    let m = metrics(out.path());
+    // Step 1 reports the initial weights: policy = reference (adapters off).
+    let first = &m[0];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
+        assert!(first[key].as_f64().unwrap().abs() < 1e-5, "{key}: {first}");
+    }
+    let mean = |rows: &[serde_json::Value], key: &str| {
+        rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    let last = &m[m.len() - 40..];
+    let accuracy = mean(last, "rewards/accuracies");
+    assert!(
+        accuracy > 0.9,
+        "rewards/accuracies over the last 40 steps: {accuracy}"
+    );
+    assert!(mean(last, "rewards/margins") > mean(&m[..20], "rewards/margins") + 0.5);
+    for key in [
+        "logps/chosen",
+        "logps/rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+    ] {
+        assert!(first.get(key).is_some(), "{key} not logged");
+    }
+}
+
+#[test]
+fn each_image_is_encoded_once_per_pair() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"image": "red_circle_white.png", "prompt": "Colour?", "chosen": "red.", "rejected": "blue."}
+{"images": ["blue_square_black.png", "red_circle_white.png"], "prompt": "<image><image>Same?", "chosen": "no.", "rejected": "yes."}
+"#,
+    )
+    .unwrap();
+    for (extra, reference_passes) in [
+        // LoRA only: the reference is the policy with adapters off (one more encoding).
+        (
+            "max_steps = 2\nfreeze_projector = true\n[lora]\nenabled = true\ndropout = 0.0",
+            1,
+        ),
+        // Reference-free: no reference pass at all.
+        ("max_steps = 2\n", 0),
+    ] {
+        let mut cfg = config(&data, &dir.path().join("run"), extra);
+        cfg.train.batch_size = 2;
+        if reference_passes == 0 {
+            cfg.method.reference_free = true;
+        }
+        let before = VISION_TOWER_CALLS.load(Ordering::SeqCst);
+        let summary = run(&cfg);
+        let calls = VISION_TOWER_CALLS.load(Ordering::SeqCst) - before;
+        // One policy encoding (+ one reference encoding) of the batch's images per step; encoding
+        // chosen and rejected separately would double it.
+        assert_eq!(
+            calls as u64,
+            summary.global_step * (1 + reference_passes),
+            "{extra}"
+        );
+    }
+}
+
+#[test]
+fn frozen_copy_reference_and_length_normalised_losses() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    // Full fine-tune: the reference is a frozen copy; step 1 is still exactly ln 2.
+    let cfg = config(&data, &dir.path().join("copy"), "max_steps = 3");
+    run(&cfg);
+    let m = metrics(&dir.path().join("copy"));
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+    assert!(m[2]["loss"].as_f64().unwrap() != m[0]["loss"].as_f64().unwrap());
+    // IPO uses the answer lengths; it runs and starts at (1/(2β))² = 25.
+    let mut cfg = config(&data, &dir.path().join("ipo"), "max_steps = 2");
+    cfg.method.loss_type = resonance_core::config::DpoLossType::Ipo;
+    run(&cfg);
+    let m = metrics(&dir.path().join("ipo"));
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 25.0).abs() < 1e-3,
+        "{}",
+        m[0]
+    );
+}
+
+#[test]
+fn dpo_needs_preference_data() {
+    let text = r#"
+[model]
+path = "x"
+[[data.datasets]]
+path = "a.json"
+format = "llava"
+[method]
+name = "dpo"
+"#;
+    let err = ExperimentConfig::from_str(text).unwrap_err().to_string();
+    assert!(
+        err.contains("data.datasets[0].format") && err.contains("plain_dpo"),
+        "{err}"
+    );
+}
