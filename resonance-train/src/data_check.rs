@@ -54,19 +54,7 @@ impl DataReport {
                 "dataset {name} ({path}): {loaded} records, {skipped} skipped"
             );
         }
-        for (kind, places) in &self.load_problems {
-            let _ = writeln!(
-                out,
-                "  load problem `{kind}`: {} — e.g. {}",
-                places.len(),
-                places
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
+        list_problems(&mut out, "load problem", &self.load_problems);
         let refused: usize = self.refused.values().map(Vec::len).sum();
         let _ = writeln!(
             out,
@@ -74,19 +62,7 @@ impl DataReport {
             self.usable(),
             self.trained_tokens
         );
-        for (kind, places) in &self.refused {
-            let _ = writeln!(
-                out,
-                "  refused `{kind}`: {} — e.g. {}",
-                places.len(),
-                places
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
+        list_problems(&mut out, "refused", &self.refused);
         if let (Some(min), Some(max)) = (self.lengths.iter().min(), self.lengths.iter().max()) {
             let mean = self.lengths.iter().sum::<usize>() as f64 / self.lengths.len() as f64;
             let _ = writeln!(
@@ -113,6 +89,19 @@ impl DataReport {
             );
         }
         out
+    }
+}
+
+/// One line per kind: its count and the first three places.
+fn list_problems(out: &mut String, label: &str, problems: &BTreeMap<String, Vec<String>>) {
+    for (kind, places) in problems {
+        let examples: Vec<&str> = places.iter().take(3).map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "  {label} `{kind}`: {} — e.g. {}",
+            places.len(),
+            examples.join("; ")
+        );
     }
 }
 

@@ -8,14 +8,14 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use resonance_core::config::MethodConfig;
 use resonance_core::data::{Conversation, RecordSource};
 use resonance_models::processor::Processor;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
+pub use crate::logprobs::sequence_logps;
 use crate::losses::{dpo_loss, DpoLossConfig, DpoLossOutput};
 use crate::sft::Refusal;
 
@@ -152,24 +152,6 @@ impl PairBatch {
     pub fn num_tokens(&self) -> usize {
         self.attention_mask.iter().flatten().filter(|&&m| m).count()
     }
-}
-
-/// The summed log-probability of each row's targets, `[rows]`.
-pub fn sequence_logps(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Tensor<1> {
-    let [b, t, _] = logits.dims();
-    let device = logits.device();
-    let mut index = vec![0i64; b * t];
-    let mut weight = vec![0f32; b * t];
-    for (row, pairs) in targets.iter().enumerate() {
-        for &(pos, token) in pairs {
-            index[row * t + pos] = token as i64;
-            weight[row * t + pos] = 1.0;
-        }
-    }
-    let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
-    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
-    let picked = log_softmax(logits, 2).gather(2, index).reshape([b, t]);
-    (picked * weight).sum_dim(1).reshape([b])
 }
 
 /// The loss configuration of a `[method]` section.

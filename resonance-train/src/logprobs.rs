@@ -38,6 +38,24 @@ pub fn token_logprobs(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Vec<V
         .collect()
 }
 
+/// The summed log-probability of each row's targets, `[rows]`.
+pub fn sequence_logps(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Tensor<1> {
+    let [b, t, _] = logits.dims();
+    let device = logits.device();
+    let mut index = vec![0i64; b * t];
+    let mut weight = vec![0f32; b * t];
+    for (row, pairs) in targets.iter().enumerate() {
+        for &(pos, token) in pairs {
+            index[row * t + pos] = token as i64;
+            weight[row * t + pos] = 1.0;
+        }
+    }
+    let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
+    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
+    let picked = log_softmax(logits, 2).gather(2, index).reshape([b, t]);
+    (picked * weight).sum_dim(1).reshape([b])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

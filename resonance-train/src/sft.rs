@@ -10,13 +10,13 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use resonance_core::data::{Conversation, Message, Part, RecordSource};
 use resonance_models::processor::Processor;
 use serde_json::{json, Value};
 
 use crate::error::{Result, TrainError};
+use crate::logprobs::sequence_logps;
 
 /// One conversation as token ids with its trained positions.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,26 +254,16 @@ impl SftBatch {
 /// `-Σ log p(token | prefix) / normalizer`. With `normalizer` the number of trained tokens of the
 /// whole (accumulated) batch this is transformers' token-averaged causal-LM loss.
 pub fn sft_loss(logits: Tensor<3>, targets: &[Vec<(usize, u32)>], normalizer: f64) -> Tensor<1> {
-    let [b, t, _] = logits.dims();
-    let device = logits.device();
-    let mut index = vec![0i64; b * t];
-    let mut weight = vec![0f32; b * t];
-    for (row, pairs) in targets.iter().enumerate() {
-        for &(pos, token) in pairs {
-            index[row * t + pos] = token as i64;
-            weight[row * t + pos] = 1.0;
-        }
-    }
-    let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
-    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
-    let picked = log_softmax(logits, 2).gather(2, index).reshape([b, t]);
-    (picked * weight).sum().neg().div_scalar(normalizer)
+    sequence_logps(logits, targets)
+        .sum()
+        .neg()
+        .div_scalar(normalizer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
+    use burn::tensor::{Device, TensorData};
 
     #[test]
     fn loss_is_the_mean_nll_of_the_targets() {
