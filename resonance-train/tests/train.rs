@@ -266,15 +266,7 @@ fn lora_changes_only_adapters_and_the_peft_adapter_round_trips() {
     .unwrap();
     let before = tensors(&root().join("fixtures/tiny-llava/model.safetensors"));
     let after = tensors(&merged_dir.join("model.safetensors"));
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = resonance_train::trainer::AUTO_LM_TARGETS;
     for (name, data) in &before {
         let adapted = name.starts_with("language_model.model.layers.")
             && targets
