@@ -787,9 +787,22 @@ fn dpo_step<M: TrainableModel>(
             };
             Tensor::<1>::from_data(values.into_data(), device)
         };
-        let (out, metrics) =
-            crate::dpo::pair_loss(policy, reference_logps, &batch.lengths(), &loss_config)?;
-        let loss = out.losses.sum().div_scalar(total_pairs);
+        let lengths = batch.lengths();
+        let chosen_tokens: f32 = lengths[..batch.pairs].iter().sum();
+        let chosen_nll = policy
+            .clone()
+            .narrow(0, 0, batch.pairs)
+            .sum()
+            .neg()
+            .div_scalar(chosen_tokens.max(1.0));
+        let (out, mut metrics) =
+            crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_config)?;
+        let mut loss = out.losses.sum().div_scalar(total_pairs);
+        if let Some(alpha) = config.method.rpo_alpha {
+            // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
+            metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
+            loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
+        }
         loss_sum += loss.clone().into_scalar::<f64>();
         for (i, (name, value)) in metrics.into_iter().enumerate() {
             match metric_sums.get_mut(i) {

@@ -162,6 +162,25 @@ fn frozen_copy_reference_and_length_normalised_losses() {
 }
 
 #[test]
+fn rpo_adds_the_chosen_nll() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    let mut cfg = config(&data, dir.path(), "max_steps = 2");
+    cfg.method.rpo_alpha = Some(0.5);
+    cfg.validate().unwrap();
+    run(&cfg);
+    let m = metrics(dir.path());
+    let nll = m[0]["nll_loss"].as_f64().expect("nll_loss logged");
+    assert!(nll > 1.0, "the random model's NLL is large: {nll}");
+    let loss = m[0]["loss"].as_f64().unwrap();
+    assert!(
+        (loss - (std::f64::consts::LN_2 + 0.5 * nll)).abs() < 1e-5,
+        "{loss} vs {nll}"
+    );
+}
+
+#[test]
 fn dpo_needs_preference_data() {
     let text = r#"
 [model]

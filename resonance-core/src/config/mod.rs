@@ -330,6 +330,10 @@ pub struct MethodConfig {
     pub label_smoothing: f64,
     /// DPO: ignore the reference model (its log-probs count as 0). Default `false`.
     pub reference_free: bool,
+    /// DPO: RPO's weight α of the chosen answers' negative log-likelihood (token mean) added
+    /// to the loss, ≥ 0, as TRL's `rpo_alpha` did. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpo_alpha: Option<f64>,
 }
 
 impl Default for MethodConfig {
@@ -340,6 +344,7 @@ impl Default for MethodConfig {
             loss_type: DpoLossType::Sigmoid,
             label_smoothing: 0.0,
             reference_free: false,
+            rpo_alpha: None,
         }
     }
 }
@@ -849,6 +854,7 @@ impl ExperimentConfig {
             weight: None,
             name: Some("x".into()),
         });
+        c.method.rpo_alpha = Some(1.0);
         c.optim.vision_lr = Some(1.0);
         c.optim.projector_lr = Some(1.0);
         c.optim.lm_lr = Some(1.0);

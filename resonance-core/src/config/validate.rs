@@ -115,6 +115,11 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
         if !(method.beta.is_finite() && method.beta > 0.0) {
             add("method.beta", format!("must be > 0, got {}", method.beta));
         }
+        if let Some(alpha) = method.rpo_alpha {
+            if !(alpha.is_finite() && alpha >= 0.0) {
+                add("method.rpo_alpha", format!("must be ≥ 0, got {alpha}"));
+            }
+        }
         if !(0.0..0.5).contains(&method.label_smoothing) {
             add(
                 "method.label_smoothing",
