@@ -154,15 +154,29 @@ impl PairBatch {
     }
 }
 
-/// The loss configuration of a `[method]` section.
-pub fn loss_config(method: &MethodConfig) -> DpoLossConfig {
-    DpoLossConfig {
-        loss_type: method.loss_type,
-        beta: method.beta,
-        label_smoothing: method.label_smoothing,
-        reference_free: method.reference_free,
-        ..DpoLossConfig::default()
-    }
+/// The weighted loss configurations of a `[method]` section (one per `loss_type`).
+pub fn loss_configs(method: &MethodConfig) -> Vec<(f64, DpoLossConfig)> {
+    method
+        .loss_type
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, &loss_type)| {
+            let weight = method
+                .loss_weights
+                .as_ref()
+                .and_then(|w| w.get(i).copied())
+                .unwrap_or(1.0);
+            let config = DpoLossConfig {
+                loss_type,
+                beta: method.beta,
+                label_smoothing: method.label_smoothing,
+                reference_free: method.reference_free,
+                ..DpoLossConfig::default()
+            };
+            (weight, config)
+        })
+        .collect()
 }
 
 /// The DPO loss of a batch of `n` pairs from the policy's and the reference's row log-probs
@@ -171,7 +185,7 @@ pub fn pair_loss(
     policy: Tensor<1>,
     reference: Tensor<1>,
     lengths: &[f32],
-    config: &DpoLossConfig,
+    configs: &[(f64, DpoLossConfig)],
 ) -> Result<(DpoLossOutput, Vec<(&'static str, f64)>)> {
     let [rows] = policy.dims();
     let n = rows / 2;
@@ -182,8 +196,31 @@ pub fn pair_loss(
     let rr = reference.narrow(0, n, n);
     let lengths = Tensor::<1>::from_data(TensorData::new(lengths.to_vec(), [rows]), &device);
     let lengths = Some((lengths.clone().narrow(0, 0, n), lengths.narrow(0, n, n)));
-    let out = dpo_loss(pc.clone(), pr.clone(), rc, rr, lengths, config)
+    // Several loss types (MPO) add up with their weights; the rewards are the same for all.
+    let mut out: Option<DpoLossOutput> = None;
+    for (weight, config) in configs {
+        let part = dpo_loss(
+            pc.clone(),
+            pr.clone(),
+            rc.clone(),
+            rr.clone(),
+            lengths.clone(),
+            config,
+        )
         .map_err(|e| TrainError::Input(e.to_string()))?;
+        let weighted = part.losses.mul_scalar(*weight);
+        out = Some(match out {
+            Some(mut acc) => {
+                acc.losses = acc.losses + weighted;
+                acc
+            }
+            None => DpoLossOutput {
+                losses: weighted,
+                ..part
+            },
+        });
+    }
+    let out = out.ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
     let read = |t: Tensor<1>| -> Vec<f32> {
         t.into_data()
             .try_into_vec::<f32>()

@@ -738,7 +738,7 @@ fn dpo_step<M: TrainableModel>(
 ) -> Result<StepOutcome> {
     let config = context.config;
     let device = context.device;
-    let loss_config = crate::dpo::loss_config(&config.method);
+    let loss_configs = crate::dpo::loss_configs(&config.method);
     let accumulation = config.train.grad_accumulation;
     let total_pairs = (config.train.batch_size * accumulation) as f64;
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
@@ -796,7 +796,7 @@ fn dpo_step<M: TrainableModel>(
             .neg()
             .div_scalar(chosen_tokens.max(1.0));
         let (out, mut metrics) =
-            crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_config)?;
+            crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
         let mut loss = out.losses.sum().div_scalar(total_pairs);
         if let Some(alpha) = config.method.rpo_alpha {
             // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.

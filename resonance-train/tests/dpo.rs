@@ -151,7 +151,8 @@ fn frozen_copy_reference_and_length_normalised_losses() {
     assert!(m[2]["loss"].as_f64().unwrap() != m[0]["loss"].as_f64().unwrap());
     // IPO uses the answer lengths; it runs and starts at (1/(2β))² = 25.
     let mut cfg = config(&data, &dir.path().join("ipo"), "max_steps = 2");
-    cfg.method.loss_type = resonance_core::config::DpoLossType::Ipo;
+    cfg.method.loss_type =
+        resonance_core::config::DpoLossTypes::one(resonance_core::config::DpoLossType::Ipo);
     run(&cfg);
     let m = metrics(&dir.path().join("ipo"));
     assert!(
@@ -178,6 +179,32 @@ fn rpo_adds_the_chosen_nll() {
         (loss - (std::f64::consts::LN_2 + 0.5 * nll)).abs() < 1e-5,
         "{loss} vs {nll}"
     );
+}
+
+#[test]
+fn weighted_loss_types_add_up() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    let mut cfg = config(&data, dir.path(), "max_steps = 1");
+    cfg.apply_override(r#"method.loss_type=["sigmoid", "ipo"]"#)
+        .unwrap();
+    cfg.apply_override("method.loss_weights=[0.5, 2.0]")
+        .unwrap();
+    cfg.validate().unwrap();
+    run(&cfg);
+    // At the initial weights: 0.5·ln 2 + 2·(1/(2β))² = 0.5·ln 2 + 50.
+    let loss = metrics(dir.path())[0]["loss"].as_f64().unwrap();
+    assert!(
+        (loss - (0.5 * std::f64::consts::LN_2 + 50.0)).abs() < 1e-3,
+        "{loss}"
+    );
+    cfg.method.loss_weights = Some(vec![1.0]);
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("loss_weights"));
 }
 
 #[test]

@@ -313,6 +313,43 @@ impl DpoLossType {
     }
 }
 
+/// One DPO loss type or several (`"sigmoid"` or `["sigmoid", "bco_pair"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpoLossTypes(pub Vec<DpoLossType>);
+
+impl DpoLossTypes {
+    /// A single loss type.
+    pub fn one(kind: DpoLossType) -> Self {
+        DpoLossTypes(vec![kind])
+    }
+}
+
+impl Serialize for DpoLossTypes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DpoLossTypes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(DpoLossType),
+            Many(Vec<DpoLossType>),
+        }
+        match OneOrMany::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a DPO loss type name or a list of them"))?
+        {
+            OneOrMany::One(kind) => Ok(DpoLossTypes(vec![kind])),
+            OneOrMany::Many(kinds) => Ok(DpoLossTypes(kinds)),
+        }
+    }
+}
+
 /// `[method]`: what is optimised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -323,8 +360,12 @@ pub struct MethodConfig {
     pub beta: f64,
     /// DPO: the loss variant, TRL's `loss_type` names (`sigmoid`, `robust`, `hinge`, `ipo`,
     /// `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop`,
-    /// `sigmoid_norm`). Default `"sigmoid"`.
-    pub loss_type: DpoLossType,
+    /// `sigmoid_norm`), or a list of them whose losses are added (MPO style, weighted by
+    /// `loss_weights`). Default `"sigmoid"`.
+    pub loss_type: DpoLossTypes,
+    /// DPO: one weight per entry of a `loss_type` list. Default: 1 each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
     /// DPO: ε — cDPO smoothing for `sigmoid`, flip rate for `robust` (in [0, 0.5)), EXO's ε.
     /// Default 0.
     pub label_smoothing: f64,
@@ -341,7 +382,8 @@ impl Default for MethodConfig {
         MethodConfig {
             name: Method::Sft,
             beta: 0.1,
-            loss_type: DpoLossType::Sigmoid,
+            loss_type: DpoLossTypes(vec![DpoLossType::Sigmoid]),
+            loss_weights: None,
             label_smoothing: 0.0,
             reference_free: false,
             rpo_alpha: None,
@@ -855,6 +897,7 @@ impl ExperimentConfig {
             name: Some("x".into()),
         });
         c.method.rpo_alpha = Some(1.0);
+        c.method.loss_weights = Some(vec![1.0]);
         c.optim.vision_lr = Some(1.0);
         c.optim.projector_lr = Some(1.0);
         c.optim.lm_lr = Some(1.0);

@@ -115,6 +115,24 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
         if !(method.beta.is_finite() && method.beta > 0.0) {
             add("method.beta", format!("must be > 0, got {}", method.beta));
         }
+        if method.loss_type.0.is_empty() {
+            add("method.loss_type", "the list of loss types is empty".into());
+        }
+        if let Some(weights) = &method.loss_weights {
+            if weights.len() != method.loss_type.0.len() {
+                add(
+                    "method.loss_weights",
+                    format!(
+                        "{} weight(s) for {} loss type(s); give one per loss type",
+                        weights.len(),
+                        method.loss_type.0.len()
+                    ),
+                );
+            }
+            if weights.iter().any(|w| !w.is_finite()) {
+                add("method.loss_weights", "weights must be finite".into());
+            }
+        }
         if let Some(alpha) = method.rpo_alpha {
             if !(alpha.is_finite() && alpha >= 0.0) {
                 add("method.rpo_alpha", format!("must be ≥ 0, got {alpha}"));
