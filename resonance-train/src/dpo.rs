@@ -9,14 +9,16 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Tensor, TensorData};
-use resonance_core::config::MethodConfig;
+use resonance_core::config::{Method, MethodConfig};
 use resonance_core::data::{Conversation, RecordSource};
 use resonance_models::processor::Processor;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
 pub use crate::logprobs::sequence_logps;
-use crate::losses::{dpo_loss, DpoLossConfig, DpoLossOutput};
+use crate::losses::{
+    dpo_loss, orpo_odds_ratio_loss, simpo_loss, DpoLossConfig, DpoLossOutput, SimpoConfig,
+};
 use crate::sft::Refusal;
 
 /// One preference pair as token ids.
@@ -221,26 +223,102 @@ pub fn pair_loss(
         });
     }
     let out = out.ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
+    let metrics = reward_metrics(&out, pc, pr);
+    Ok((out, metrics))
+}
+
+/// TRL's reward metrics of a pair loss: rewards/{chosen,rejected,accuracies,margins} and
+/// logps/{chosen,rejected} (summed answer log-probs), batch means.
+pub fn reward_metrics(
+    out: &DpoLossOutput,
+    policy_chosen: Tensor<1>,
+    policy_rejected: Tensor<1>,
+) -> Vec<(&'static str, f64)> {
     let read = |t: Tensor<1>| -> Vec<f32> {
+        let [n] = t.dims();
         t.into_data()
             .try_into_vec::<f32>()
             .unwrap_or_else(|_| vec![f32::NAN; n])
     };
     let chosen = read(out.chosen_rewards.clone());
     let rejected = read(out.rejected_rewards.clone());
+    let n = chosen.len().max(1) as f64;
     let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
-    let accuracy =
-        chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count() as f64 / n.max(1) as f64;
+    let accuracy = chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count() as f64 / n;
     let margins: Vec<f32> = chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect();
-    let metrics = vec![
+    vec![
         ("rewards/chosen", mean(&chosen)),
         ("rewards/rejected", mean(&rejected)),
         ("rewards/accuracies", accuracy),
         ("rewards/margins", mean(&margins)),
-        ("logps/chosen", mean(&read(pc.detach()))),
-        ("logps/rejected", mean(&read(pr.detach()))),
-    ];
-    Ok((out, metrics))
+        ("logps/chosen", mean(&read(policy_chosen.detach()))),
+        ("logps/rejected", mean(&read(policy_rejected.detach()))),
+    ]
+}
+
+/// The reference-free pair objectives on length-averaged answer log-probs (`[2n]` summed
+/// log-probs and lengths, chosen rows first), as TRL's CPOTrainer (`simpo`) and ORPOTrainer
+/// compute them. Returns the micro-batch loss to minimise (mean over its pairs, NLL terms
+/// included) and the metrics.
+pub fn reference_free_loss(
+    method: &MethodConfig,
+    policy: Tensor<1>,
+    lengths: &[f32],
+) -> Result<(Tensor<1>, Vec<(&'static str, f64)>)> {
+    let [rows] = policy.dims();
+    let n = rows / 2;
+    let device = policy.device();
+    let len = Tensor::<1>::from_data(
+        TensorData::new(
+            lengths.iter().map(|l| l.max(1.0)).collect::<Vec<_>>(),
+            [rows],
+        ),
+        &device,
+    );
+    let average = policy.clone().div(len);
+    let (ac, ar) = (average.clone().narrow(0, 0, n), average.narrow(0, n, n));
+    let (pc, pr) = (policy.clone().narrow(0, 0, n), policy.narrow(0, n, n));
+    // Token-mean NLL of the chosen answers (TRL's `policy_nll_loss`).
+    let chosen_tokens: f32 = lengths[..n].iter().sum();
+    let nll = pc.clone().sum().neg().div_scalar(chosen_tokens.max(1.0));
+    let invalid = |e: crate::losses::LossConfigError| TrainError::Input(e.to_string());
+    match method.name {
+        Method::Simpo => {
+            let config = SimpoConfig {
+                beta: method.beta,
+                gamma: method.simpo_gamma,
+                label_smoothing: method.label_smoothing,
+            };
+            let out = simpo_loss(ac, ar, &config).map_err(invalid)?;
+            let mut metrics = reward_metrics(&out, pc, pr);
+            let mut loss = out.losses.mean();
+            if let Some(alpha) = method.rpo_alpha {
+                metrics.push(("nll_loss", nll.clone().into_scalar::<f64>()));
+                loss = loss + nll.mul_scalar(alpha);
+            }
+            Ok((loss, metrics))
+        }
+        Method::Orpo => {
+            let out = orpo_odds_ratio_loss(ac, ar, method.beta).map_err(invalid)?;
+            let as_dpo = DpoLossOutput {
+                losses: out.losses.clone(),
+                chosen_rewards: out.chosen_rewards.clone(),
+                rejected_rewards: out.rejected_rewards.clone(),
+            };
+            let mut metrics = reward_metrics(&as_dpo, pc, pr);
+            let ratio = out.losses.clone().mean();
+            metrics.push(("nll_loss", nll.clone().into_scalar::<f64>()));
+            metrics.push((
+                "log_odds_ratio",
+                ratio.clone().into_scalar::<f64>() / method.beta,
+            ));
+            metrics.push(("log_odds_chosen", out.log_odds.mean().into_scalar::<f64>()));
+            Ok((nll - ratio, metrics))
+        }
+        other => Err(TrainError::Input(format!(
+            "{other:?} is not a reference-free pair objective"
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -497,7 +497,7 @@ where
             Reference::AdaptersOff
         }
         Method::Dpo => Reference::Copy(Box::new(model.valid())),
-        Method::Sft => Reference::None,
+        Method::Sft | Method::Simpo | Method::Orpo => Reference::None,
     };
     let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
 
@@ -515,7 +515,7 @@ where
                 &mut refused,
                 pad_id,
             )?,
-            Method::Dpo => dpo_step(
+            Method::Dpo | Method::Simpo | Method::Orpo => dpo_step(
                 &model,
                 &reference,
                 &mut accumulator,
@@ -770,39 +770,46 @@ fn dpo_step<M: TrainableModel>(
         let policy_logits = model.forward_pairs(inputs(pixels), device)?;
         let policy = crate::dpo::sequence_logps(policy_logits, &batch.targets);
         let rows = batch.input_ids.len();
-        let reference_logps = {
-            let plain = device.clone().inner();
-            let reference_of = |m: &M| -> Result<Tensor<1>> {
-                let pixels = context.processor.pixel_values(&batch.images, &plain)?;
-                let logits = m.forward_pairs(inputs(pixels), &plain)?;
-                Ok(crate::dpo::sequence_logps(logits, &batch.targets))
-            };
-            let values = match reference {
-                Reference::None => Tensor::<1>::zeros([rows], &plain),
-                Reference::AdaptersOff => {
-                    let _off = AdaptersDisabled::new();
-                    reference_of(&model.valid())?
-                }
-                Reference::Copy(copy) => reference_of(copy)?,
-            };
-            Tensor::<1>::from_data(values.into_data(), device)
-        };
         let lengths = batch.lengths();
-        let chosen_tokens: f32 = lengths[..batch.pairs].iter().sum();
-        let chosen_nll = policy
-            .clone()
-            .narrow(0, 0, batch.pairs)
-            .sum()
-            .neg()
-            .div_scalar(chosen_tokens.max(1.0));
-        let (out, mut metrics) =
-            crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
-        let mut loss = out.losses.sum().div_scalar(total_pairs);
-        if let Some(alpha) = config.method.rpo_alpha {
-            // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
-            metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
-            loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
-        }
+        let (loss, metrics) = if config.method.name == Method::Dpo {
+            let reference_logps = {
+                let plain = device.clone().inner();
+                let reference_of = |m: &M| -> Result<Tensor<1>> {
+                    let pixels = context.processor.pixel_values(&batch.images, &plain)?;
+                    let logits = m.forward_pairs(inputs(pixels), &plain)?;
+                    Ok(crate::dpo::sequence_logps(logits, &batch.targets))
+                };
+                let values = match reference {
+                    Reference::None => Tensor::<1>::zeros([rows], &plain),
+                    Reference::AdaptersOff => {
+                        let _off = AdaptersDisabled::new();
+                        reference_of(&model.valid())?
+                    }
+                    Reference::Copy(copy) => reference_of(copy)?,
+                };
+                Tensor::<1>::from_data(values.into_data(), device)
+            };
+            let chosen_tokens: f32 = lengths[..batch.pairs].iter().sum();
+            let chosen_nll = policy
+                .clone()
+                .narrow(0, 0, batch.pairs)
+                .sum()
+                .neg()
+                .div_scalar(chosen_tokens.max(1.0));
+            let (out, mut metrics) =
+                crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
+            let mut loss = out.losses.sum().div_scalar(total_pairs);
+            if let Some(alpha) = config.method.rpo_alpha {
+                // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
+                metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
+                loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
+            }
+            (loss, metrics)
+        } else {
+            let (loss, metrics) =
+                crate::dpo::reference_free_loss(&config.method, policy, &lengths)?;
+            (loss.div_scalar(accumulation as f64), metrics)
+        };
         loss_sum += loss.clone().into_scalar::<f64>();
         for (i, (name, value)) in metrics.into_iter().enumerate() {
             match metric_sums.get_mut(i) {

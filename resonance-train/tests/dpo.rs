@@ -207,6 +207,50 @@ fn weighted_loss_types_add_up() {
         .contains("loss_weights"));
 }
 
+/// `log σ(x)`, stable.
+fn log_sigmoid(x: f64) -> f64 {
+    -((-x).exp().ln_1p())
+}
+
+#[test]
+fn simpo_and_orpo_follow_their_formulas_and_learn() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    for method in ["simpo", "orpo"] {
+        let out = dir.path().join(method);
+        let mut cfg = config(&data, &out, "max_steps = 60");
+        cfg.apply_override(&format!("method.name={method}"))
+            .unwrap();
+        cfg.train.batch_size = 1;
+        cfg.validate().unwrap();
+        run(&cfg);
+        let m = metrics(&out);
+        let first = &m[0];
+        let loss = first["loss"].as_f64().unwrap();
+        let margin = first["rewards/margins"].as_f64().unwrap();
+        let expected = if method == "simpo" {
+            // −logσ(β·avg_c − β·avg_r − γ), γ = 0.5.
+            -log_sigmoid(margin - 0.5)
+        } else {
+            // NLL(chosen) − β·logσ(log-odds).
+            first["nll_loss"].as_f64().unwrap()
+                - 0.1 * log_sigmoid(first["log_odds_chosen"].as_f64().unwrap())
+        };
+        assert!(
+            (loss - expected).abs() < 1e-5,
+            "{method}: {loss} vs {expected}"
+        );
+        let mean = |rows: &[serde_json::Value], key: &str| {
+            rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+        };
+        assert!(
+            mean(&m[50..], "loss") < mean(&m[..10], "loss"),
+            "{method}: the loss did not fall"
+        );
+    }
+}
+
 #[test]
 fn dpo_needs_preference_data() {
     let text = r#"

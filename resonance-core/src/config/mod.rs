@@ -239,6 +239,17 @@ pub enum Method {
     /// Direct preference optimisation (and its variants, `method.loss_type`) on `plain_dpo`
     /// pairs.
     Dpo,
+    /// SimPO (reference-free, length-averaged, margin `simpo_gamma`) on `plain_dpo` pairs.
+    Simpo,
+    /// ORPO (odds ratio + NLL of the chosen answers, reference-free) on `plain_dpo` pairs.
+    Orpo,
+}
+
+impl Method {
+    /// Whether the method trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        !matches!(self, Method::Sft)
+    }
 }
 
 /// DPO loss variants; serde names are TRL's `loss_type` strings.
@@ -371,6 +382,8 @@ pub struct MethodConfig {
     pub label_smoothing: f64,
     /// DPO: ignore the reference model (its log-probs count as 0). Default `false`.
     pub reference_free: bool,
+    /// SimPO: the target reward margin γ (TRL's `simpo_gamma`). Default 0.5.
+    pub simpo_gamma: f64,
     /// DPO: RPO's weight α of the chosen answers' negative log-likelihood (token mean) added
     /// to the loss, ≥ 0, as TRL's `rpo_alpha` did. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -386,6 +399,7 @@ impl Default for MethodConfig {
             loss_weights: None,
             label_smoothing: 0.0,
             reference_free: false,
+            simpo_gamma: 0.5,
             rpo_alpha: None,
         }
     }

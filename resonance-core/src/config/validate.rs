@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::error::Problem;
-use super::{ExperimentConfig, GroupTraining, Method, TargetModules};
+use super::{ExperimentConfig, GroupTraining, TargetModules};
 use crate::data::{DataFormat, Mixing};
 
 /// Every problem of `cfg`, in section order.
@@ -99,14 +99,15 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
 
     // [method]
     let method = &cfg.method;
-    if method.name == Method::Dpo {
+    if method.name.is_preference() {
         for (i, d) in data.datasets.iter().chain(&data.eval_datasets).enumerate() {
             if d.format != DataFormat::PlainDpo {
                 add(
                     &format!("data.datasets[{i}].format"),
                     format!(
-                        "method dpo trains on preference pairs: the format must be \
+                        "method {:?} trains on preference pairs: the format must be \
                          \"plain_dpo\", got \"{}\"",
+                        method.name,
                         d.format.as_str()
                     ),
                 );
