@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes data/demo/dpo/pairs.jsonl: preference pairs (`plain_dpo` format) over the demo images
-of data/demo/sft/images (made by make_sft_data.py). Deterministic; standard library only.
+of data/demo/sft/images (made by make_sft_data.py), and data/demo/kto/unpaired.jsonl: the same
+answers as unpaired records (`unpaired` format: chosen → label true, rejected → label false).
+Deterministic; standard library only.
 
     python3 data/demo/make_dpo_data.py
 """
@@ -47,6 +49,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     print(f"wrote {len(pairs)} pairs to {out}")
+
+    unpaired = []
+    for p in pairs:
+        images = {k: p[k] for k in ("image", "images") if k in p}
+        unpaired.append({**images, "prompt": p["prompt"], "completion": p["chosen"], "label": True})
+        unpaired.append({**images, "prompt": p["prompt"], "completion": p["rejected"], "label": False})
+    out = HERE / "kto" / "unpaired.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    print(f"wrote {len(unpaired)} unpaired records to {out}")
 
 
 if __name__ == "__main__":

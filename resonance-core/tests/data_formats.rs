@@ -333,3 +333,29 @@ fn plain_dpo_pairs() {
         "{err}"
     );
 }
+
+#[test]
+fn unpaired_records_carry_their_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kto.jsonl");
+    std::fs::write(
+        &path,
+        format!(
+            "{{\"image\": \"{}\", \"prompt\": \"Colour?\", \"completion\": \"red.\", \"label\": true}}\n{{\"prompt\": \"Hi\", \"completion\": \"no\", \"label\": \"yes\"}}\n",
+            img("red.png").display()
+        ),
+    )
+    .unwrap();
+    let skip = opts(DataFormat::Unpaired).on_error(OnError::Skip);
+    let d = load_dataset(&path, &skip).unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d.records[0].label, Some(true));
+    assert_eq!(d.records[0].messages[1].text_content(), "red.");
+    let err = load_dataset(&path, &opts(DataFormat::Unpaired))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kto.jsonl:2:") && err.contains("label"),
+        "{err}"
+    );
+}

@@ -17,7 +17,8 @@ use serde_json::Value;
 use crate::error::{Result, TrainError};
 pub use crate::logprobs::sequence_logps;
 use crate::losses::{
-    dpo_loss, orpo_odds_ratio_loss, simpo_loss, DpoLossConfig, DpoLossOutput, SimpoConfig,
+    dpo_loss, kto_kl_estimate, kto_loss, orpo_odds_ratio_loss, simpo_loss, DpoLossConfig,
+    DpoLossOutput, KtoConfig, KtoLossType, SimpoConfig,
 };
 use crate::sft::Refusal;
 
@@ -29,6 +30,8 @@ pub struct PairExample {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub images: Vec<PathBuf>,
+    /// Unpaired (KTO) records: whether `chosen` is desirable.
+    pub label: Option<bool>,
     pub source: RecordSource,
 }
 
@@ -46,10 +49,17 @@ pub fn encode_pair(
         line: conversation.source.line,
         message,
     };
-    let rejected = conversation
-        .rejected
-        .as_ref()
-        .ok_or_else(|| record_error("not a preference record (no rejected answer)".into()))?;
+    // An unpaired (KTO) record has no rejected answer: its second sequence is filled in by
+    // the trainer with another record's completion (the KL estimate's mismatched pair).
+    let rejected = match (&conversation.rejected, conversation.label) {
+        (Some(r), _) => Some(r.as_str()),
+        (None, Some(_)) => None,
+        (None, None) => {
+            return Err(record_error(
+                "not a preference record (no rejected answer or label)".into(),
+            ))
+        }
+    };
     let (answer, context) = conversation
         .messages
         .split_last()
@@ -89,7 +99,10 @@ pub fn encode_pair(
     }
     let room = max_length - prompt.len();
     let mut chosen = processor.response_ids(&answer.text_content())?;
-    let mut rejected = processor.response_ids(rejected)?;
+    let mut rejected = match rejected {
+        Some(text) => processor.response_ids(text)?,
+        None => Vec::new(),
+    };
     chosen.truncate(room);
     rejected.truncate(room);
     Ok(Ok(PairExample {
@@ -97,6 +110,7 @@ pub fn encode_pair(
         chosen,
         rejected,
         images: conversation.images.clone(),
+        label: conversation.label,
         source: conversation.source.clone(),
     }))
 }
@@ -256,6 +270,63 @@ pub fn reward_metrics(
     ]
 }
 
+/// KTO on a batch of `n` unpaired examples: rows `0..n` are prompt + own completion, rows
+/// `n..2n` prompt + another example's completion (for the KL estimate). Returns the micro-batch
+/// loss (sum over its examples / `total_examples`) and TRL's metrics.
+pub fn kto_batch_loss(
+    method: &MethodConfig,
+    policy: Tensor<1>,
+    reference: Tensor<1>,
+    desirable: &[bool],
+    total_examples: f64,
+) -> Result<(Tensor<1>, Vec<(&'static str, f64)>)> {
+    let n = desirable.len();
+    let (main, kl_rows) = (policy.clone().narrow(0, 0, n), policy.narrow(0, n, n));
+    let (ref_main, ref_kl) = (reference.clone().narrow(0, 0, n), reference.narrow(0, n, n));
+    let kl = kto_kl_estimate(kl_rows.detach(), ref_kl);
+    let config = KtoConfig {
+        loss_type: KtoLossType::Kto,
+        beta: method.beta,
+        desirable_weight: method.desirable_weight,
+        undesirable_weight: method.undesirable_weight,
+    };
+    let out = kto_loss(main.clone(), ref_main, desirable, kl, &config)
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let read = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .try_into_vec::<f32>()
+            .unwrap_or_else(|_| vec![f32::NAN; n])
+    };
+    let rewards = read(out.rewards.clone());
+    let logps = read(main.detach());
+    let mean_where = |values: &[f32], want: bool| {
+        let picked: Vec<f64> = values
+            .iter()
+            .zip(desirable)
+            .filter(|(_, &d)| d == want)
+            .map(|(&v, _)| v as f64)
+            .collect();
+        (!picked.is_empty()).then(|| picked.iter().sum::<f64>() / picked.len() as f64)
+    };
+    let mut metrics = vec![("kl", kl)];
+    let chosen = mean_where(&rewards, true);
+    let rejected = mean_where(&rewards, false);
+    for (name, value) in [
+        ("rewards/chosen", chosen),
+        ("rewards/rejected", rejected),
+        ("logps/chosen", mean_where(&logps, true)),
+        ("logps/rejected", mean_where(&logps, false)),
+    ] {
+        if let Some(v) = value {
+            metrics.push((name, v));
+        }
+    }
+    if let (Some(c), Some(r)) = (chosen, rejected) {
+        metrics.push(("rewards/margins", c - r));
+    }
+    Ok((out.losses.sum().div_scalar(total_examples), metrics))
+}
+
 /// The reference-free pair objectives on length-averaged answer log-probs (`[2n]` summed
 /// log-probs and lengths, chosen rows first), as TRL's CPOTrainer (`simpo`) and ORPOTrainer
 /// compute them. Returns the micro-batch loss to minimise (mean over its pairs, NLL terms
@@ -333,6 +404,7 @@ mod tests {
             chosen: vec![7, 2],
             rejected: vec![8, 9, 2],
             images: vec![PathBuf::from("a.png")],
+            label: None,
             source,
         };
         let batch = PairBatch::collate(&[pair], 0);

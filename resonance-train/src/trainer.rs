@@ -490,13 +490,13 @@ where
     // DPO's reference: nothing (reference-free), the policy with its adapters switched off
     // (LoRA is all that trains), or a frozen copy of the initial weights.
     let reference = match config.method.name {
-        Method::Dpo if config.method.reference_free => Reference::None,
-        Method::Dpo
+        Method::Dpo | Method::Kto if config.method.reference_free => Reference::None,
+        Method::Dpo | Method::Kto
             if !adapted.is_empty() && !table.keys().any(|p| trained(p) && !is_lora_path(p)) =>
         {
             Reference::AdaptersOff
         }
-        Method::Dpo => Reference::Copy(Box::new(model.valid())),
+        Method::Dpo | Method::Kto => Reference::Copy(Box::new(model.valid())),
         Method::Sft | Method::Simpo | Method::Orpo => Reference::None,
     };
     let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
@@ -515,7 +515,7 @@ where
                 &mut refused,
                 pad_id,
             )?,
-            Method::Dpo | Method::Simpo | Method::Orpo => dpo_step(
+            Method::Dpo | Method::Simpo | Method::Orpo | Method::Kto => dpo_step(
                 &model,
                 &reference,
                 &mut accumulator,
@@ -759,6 +759,17 @@ fn dpo_step<M: TrainableModel>(
                 )
             },
         )?;
+        let mut pairs = pairs;
+        let desirable: Vec<bool> = pairs.iter().map(|p| p.label.unwrap_or(true)).collect();
+        if config.method.name == Method::Kto {
+            // The KL rows pair each prompt with another example's completion (TRL reverses the
+            // batch's completions), cut to fit after this prompt.
+            let completions: Vec<Vec<u32>> = pairs.iter().rev().map(|p| p.chosen.clone()).collect();
+            for (pair, completion) in pairs.iter_mut().zip(completions) {
+                let room = config.data.max_length.saturating_sub(pair.prompt.len());
+                pair.rejected = completion.into_iter().take(room).collect();
+            }
+        }
         let batch = crate::dpo::PairBatch::collate(&pairs, pad_id);
         tokens += batch.num_tokens();
         let inputs = |pixels| ModelInputs {
@@ -771,7 +782,8 @@ fn dpo_step<M: TrainableModel>(
         let policy = crate::dpo::sequence_logps(policy_logits, &batch.targets);
         let rows = batch.input_ids.len();
         let lengths = batch.lengths();
-        let (loss, metrics) = if config.method.name == Method::Dpo {
+        let needs_reference = matches!(config.method.name, Method::Dpo | Method::Kto);
+        let (loss, metrics) = if needs_reference {
             let reference_logps = {
                 let plain = device.clone().inner();
                 let reference_of = |m: &M| -> Result<Tensor<1>> {
@@ -796,15 +808,26 @@ fn dpo_step<M: TrainableModel>(
                 .sum()
                 .neg()
                 .div_scalar(chosen_tokens.max(1.0));
-            let (out, mut metrics) =
-                crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
-            let mut loss = out.losses.sum().div_scalar(total_pairs);
-            if let Some(alpha) = config.method.rpo_alpha {
-                // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
-                metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
-                loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
+            if config.method.name == Method::Kto {
+                let (loss, metrics) = crate::dpo::kto_batch_loss(
+                    &config.method,
+                    policy,
+                    reference_logps,
+                    &desirable,
+                    total_pairs,
+                )?;
+                (loss, metrics)
+            } else {
+                let (out, mut metrics) =
+                    crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
+                let mut loss = out.losses.sum().div_scalar(total_pairs);
+                if let Some(alpha) = config.method.rpo_alpha {
+                    // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
+                    metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
+                    loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
+                }
+                (loss, metrics)
             }
-            (loss, metrics)
         } else {
             let (loss, metrics) =
                 crate::dpo::reference_free_loss(&config.method, policy, &lengths)?;

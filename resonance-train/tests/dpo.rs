@@ -252,6 +252,41 @@ fn simpo_and_orpo_follow_their_formulas_and_learn() {
 }
 
 #[test]
+fn kto_starts_at_one_half_and_separates_desirable_from_undesirable() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/kto/unpaired.jsonl");
+    let text = std::fs::read_to_string(root().join("configs/demo_kto.toml")).unwrap();
+    let mut cfg = ExperimentConfig::from_str(&text).unwrap();
+    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    cfg.data.datasets[0].path = data;
+    cfg.data.datasets[0].image_root = Some(root().join("data/demo/sft/images"));
+    cfg.train.output_dir = dir.path().to_path_buf();
+    cfg.train.epochs = None;
+    cfg.train.max_steps = Some(120);
+    cfg.validate().unwrap();
+    run(&cfg);
+    let m = metrics(dir.path());
+    // Policy = reference at the first step: every example's loss is 1 − σ(0) = ½, KL 0.
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
+    assert_eq!(m[0]["kl"].as_f64().unwrap(), 0.0);
+    let mean = |rows: &[serde_json::Value], key: &str| {
+        rows.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len() as f64
+    };
+    assert!(mean(&m[100..], "loss") < mean(&m[..20], "loss"));
+    assert!(
+        mean(&m[100..], "rewards/margins") > mean(&m[..20], "rewards/margins") + 0.2,
+        "margins: {} -> {}",
+        mean(&m[..20], "rewards/margins"),
+        mean(&m[100..], "rewards/margins")
+    );
+}
+
+#[test]
 fn dpo_needs_preference_data() {
     let text = r#"
 [model]

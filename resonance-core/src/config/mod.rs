@@ -243,12 +243,23 @@ pub enum Method {
     Simpo,
     /// ORPO (odds ratio + NLL of the chosen answers, reference-free) on `plain_dpo` pairs.
     Orpo,
+    /// KTO on `unpaired` records (desirable / undesirable completions).
+    Kto,
 }
 
 impl Method {
-    /// Whether the method trains on preference pairs.
+    /// Whether the method trains on preference data.
     pub fn is_preference(self) -> bool {
         !matches!(self, Method::Sft)
+    }
+
+    /// The data format a preference method reads (`None` for SFT, which reads any).
+    pub fn data_format(self) -> Option<crate::data::DataFormat> {
+        match self {
+            Method::Sft => None,
+            Method::Kto => Some(crate::data::DataFormat::Unpaired),
+            Method::Dpo | Method::Simpo | Method::Orpo => Some(crate::data::DataFormat::PlainDpo),
+        }
     }
 }
 
@@ -382,6 +393,10 @@ pub struct MethodConfig {
     pub label_smoothing: f64,
     /// DPO: ignore the reference model (its log-probs count as 0). Default `false`.
     pub reference_free: bool,
+    /// KTO: weight λ_D of desirable examples. Default 1.
+    pub desirable_weight: f64,
+    /// KTO: weight λ_U of undesirable examples. Default 1.
+    pub undesirable_weight: f64,
     /// SimPO: the target reward margin γ (TRL's `simpo_gamma`). Default 0.5.
     pub simpo_gamma: f64,
     /// DPO: RPO's weight α of the chosen answers' negative log-likelihood (token mean) added
@@ -399,6 +414,8 @@ impl Default for MethodConfig {
             loss_weights: None,
             label_smoothing: 0.0,
             reference_free: false,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             simpo_gamma: 0.5,
             rpo_alpha: None,
         }

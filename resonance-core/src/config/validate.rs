@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::error::Problem;
 use super::{ExperimentConfig, GroupTraining, TargetModules};
-use crate::data::{DataFormat, Mixing};
+use crate::data::Mixing;
 
 /// Every problem of `cfg`, in section order.
 pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
@@ -99,18 +99,26 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
 
     // [method]
     let method = &cfg.method;
-    if method.name.is_preference() {
+    if let Some(format) = method.name.data_format() {
         for (i, d) in data.datasets.iter().chain(&data.eval_datasets).enumerate() {
-            if d.format != DataFormat::PlainDpo {
+            if d.format != format {
                 add(
                     &format!("data.datasets[{i}].format"),
                     format!(
-                        "method {:?} trains on preference pairs: the format must be \
-                         \"plain_dpo\", got \"{}\"",
+                        "method {:?} trains on \"{}\" data, got \"{}\"",
                         method.name,
+                        format.as_str(),
                         d.format.as_str()
                     ),
                 );
+            }
+        }
+        for (key, w) in [
+            ("method.desirable_weight", method.desirable_weight),
+            ("method.undesirable_weight", method.undesirable_weight),
+        ] {
+            if !(w.is_finite() && w > 0.0) {
+                add(key, format!("must be > 0, got {w}"));
             }
         }
         if !(method.beta.is_finite() && method.beta > 0.0) {

@@ -62,6 +62,10 @@ pub enum DataFormat {
     /// images open it. Read as a conversation `[user: prompt, assistant: chosen]` with the
     /// rejected answer beside it.
     PlainDpo,
+    /// Unpaired preference data (KTO): `{"image" | "images" (optional), "prompt",
+    /// "completion", "label": true | false}`; read as `[user: prompt, assistant: completion]`
+    /// with the label beside it.
+    Unpaired,
 }
 
 impl DataFormat {
@@ -73,6 +77,7 @@ impl DataFormat {
             DataFormat::Flamingo => "flamingo",
             DataFormat::Text => "text",
             DataFormat::PlainDpo => "plain_dpo",
+            DataFormat::Unpaired => "unpaired",
         }
     }
 }
@@ -121,6 +126,8 @@ pub struct ParsedRecord {
     pub messages: Vec<Message>,
     /// The rejected answer of a preference record.
     pub rejected: Option<String>,
+    /// The label of an unpaired preference record: `true` when the answer is desirable.
+    pub label: Option<bool>,
 }
 
 type Res<T> = Result<T, RecordProblem>;
@@ -139,6 +146,7 @@ pub fn parse_record(format: DataFormat, value: &Value, image_root: &Path) -> Res
         DataFormat::Flamingo => parse_flamingo(obj, image_root)?,
         DataFormat::Text => parse_text(obj, image_root)?,
         DataFormat::PlainDpo => parse_plain_dpo(obj, image_root)?,
+        DataFormat::Unpaired => parse_unpaired(obj, image_root)?,
     };
     rec.id = parse_id(obj)?;
     check_roles(&rec.messages, role_field(format))?;
@@ -150,6 +158,7 @@ fn role_field(format: DataFormat) -> fn(usize) -> String {
         DataFormat::Llava | DataFormat::VlqueryJson => |i| format!("conversations[{i}].from"),
         DataFormat::Flamingo => |i| if i == 0 { "input" } else { "output" }.to_string(),
         DataFormat::PlainDpo => |i| if i == 0 { "prompt" } else { "chosen" }.to_string(),
+        DataFormat::Unpaired => |i| if i == 0 { "prompt" } else { "completion" }.to_string(),
         DataFormat::Text => |i| format!("messages[{i}].role"),
     }
 }
@@ -387,6 +396,7 @@ fn parse_from_value(
         image_fields,
         messages,
         rejected: None,
+        label: None,
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -423,6 +433,56 @@ fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRec
             Message::text(Role::Assistant, chosen),
         ],
         rejected: Some(rejected.to_string()),
+        label: None,
+    };
+    place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
+    Ok(rec)
+}
+
+/// `{image | images, prompt, completion, label}`.
+fn parse_unpaired(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+    let image_key = if obj.contains_key("images") && !obj.contains_key("image") {
+        "images"
+    } else {
+        "image"
+    };
+    let (images, image_fields) = parse_image_list(obj, image_key, image_root)?;
+    let prompt = get_str(obj, "prompt", "prompt")?;
+    let completion = get_str(obj, "completion", "completion")?;
+    let label = match obj.get("label") {
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(RecordProblem::invalid(
+                "label",
+                format!("expected true or false, found {}", json_type(other)),
+            ))
+        }
+        None => {
+            return Err(RecordProblem::invalid(
+                "label",
+                "missing (true for a desirable completion, false for an undesirable one)",
+            ))
+        }
+    };
+    if completion.contains(IMAGE_PLACEHOLDER) {
+        return Err(RecordProblem::invalid(
+            "completion",
+            format!("completions cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
+        ));
+    }
+    let mut rec = ParsedRecord {
+        id: None,
+        images,
+        image_fields,
+        messages: vec![
+            Message {
+                role: Role::User,
+                content: split_placeholders(prompt, IMAGE_PLACEHOLDER),
+            },
+            Message::text(Role::Assistant, completion),
+        ],
+        rejected: None,
+        label: Some(label),
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -477,6 +537,7 @@ fn parse_flamingo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
             Message::text(Role::Assistant, output),
         ],
         rejected: None,
+        label: None,
     })
 }
 
@@ -538,6 +599,7 @@ fn parse_text(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> 
         image_fields: images.fields,
         messages,
         rejected: None,
+        label: None,
     };
     place_images(&mut rec, "images", IMAGE_PLACEHOLDER)?;
     Ok(rec)
