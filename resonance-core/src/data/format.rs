@@ -402,8 +402,27 @@ fn parse_from_value(
     Ok(rec)
 }
 
-/// `{image | images, prompt, chosen, rejected}`.
-fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+/// The answer text of `field`, which may not hold image placeholders.
+fn get_answer<'a>(obj: &'a Map<String, Value>, field: &str) -> Res<&'a str> {
+    let text = get_str(obj, field, field)?;
+    if text.contains(IMAGE_PLACEHOLDER) {
+        return Err(RecordProblem::invalid(
+            field,
+            format!("answers cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
+        ));
+    }
+    Ok(text)
+}
+
+/// A single-turn preference record: `image` or `images` (optional), `prompt` with optional
+/// `<image>` placeholders, and `answer` as the assistant turn.
+fn prompt_answer_record(
+    obj: &Map<String, Value>,
+    image_root: &Path,
+    answer: &str,
+    rejected: Option<String>,
+    label: Option<bool>,
+) -> Res<ParsedRecord> {
     let image_key = if obj.contains_key("images") && !obj.contains_key("image") {
         "images"
     } else {
@@ -411,16 +430,6 @@ fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRec
     };
     let (images, image_fields) = parse_image_list(obj, image_key, image_root)?;
     let prompt = get_str(obj, "prompt", "prompt")?;
-    let chosen = get_str(obj, "chosen", "chosen")?;
-    let rejected = get_str(obj, "rejected", "rejected")?;
-    for (field, text) in [("chosen", chosen), ("rejected", rejected)] {
-        if text.contains(IMAGE_PLACEHOLDER) {
-            return Err(RecordProblem::invalid(
-                field,
-                format!("answers cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
-            ));
-        }
-    }
     let mut rec = ParsedRecord {
         id: None,
         images,
@@ -430,25 +439,25 @@ fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRec
                 role: Role::User,
                 content: split_placeholders(prompt, IMAGE_PLACEHOLDER),
             },
-            Message::text(Role::Assistant, chosen),
+            Message::text(Role::Assistant, answer),
         ],
-        rejected: Some(rejected.to_string()),
-        label: None,
+        rejected,
+        label,
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
 }
 
+/// `{image | images, prompt, chosen, rejected}`.
+fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+    let chosen = get_answer(obj, "chosen")?;
+    let rejected = get_answer(obj, "rejected")?;
+    prompt_answer_record(obj, image_root, chosen, Some(rejected.to_string()), None)
+}
+
 /// `{image | images, prompt, completion, label}`.
 fn parse_unpaired(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
-    let image_key = if obj.contains_key("images") && !obj.contains_key("image") {
-        "images"
-    } else {
-        "image"
-    };
-    let (images, image_fields) = parse_image_list(obj, image_key, image_root)?;
-    let prompt = get_str(obj, "prompt", "prompt")?;
-    let completion = get_str(obj, "completion", "completion")?;
+    let completion = get_answer(obj, "completion")?;
     let label = match obj.get("label") {
         Some(Value::Bool(b)) => *b,
         Some(other) => {
@@ -464,28 +473,7 @@ fn parse_unpaired(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
             ))
         }
     };
-    if completion.contains(IMAGE_PLACEHOLDER) {
-        return Err(RecordProblem::invalid(
-            "completion",
-            format!("completions cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
-        ));
-    }
-    let mut rec = ParsedRecord {
-        id: None,
-        images,
-        image_fields,
-        messages: vec![
-            Message {
-                role: Role::User,
-                content: split_placeholders(prompt, IMAGE_PLACEHOLDER),
-            },
-            Message::text(Role::Assistant, completion),
-        ],
-        rejected: None,
-        label: Some(label),
-    };
-    place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
-    Ok(rec)
+    prompt_answer_record(obj, image_root, completion, None, Some(label))
 }
 
 /// Instruct-Flamingo: `{input, output}`, images inline in `input` as `<img_path>p<img_path>`.
