@@ -63,13 +63,16 @@ fn is_model_file(name: &str) -> bool {
     NAMES.contains(&name) || name.ends_with(".py") || name.ends_with(".tiktoken")
 }
 
-/// Copies the model files (see `is_model_file`) of `source` into `out`, marking `config.json` as float32 (the
-/// dtype of the weights written).
-pub fn copy_model_files(source: &Path, out: &Path) -> Result<()> {
+/// Copies the model files (see `is_model_file`) of `source` into `out`, marking `config.json`
+/// as float32 (the dtype of the weights written), or leaving it out without `include_config`.
+pub fn copy_model_files(source: &Path, out: &Path, include_config: bool) -> Result<()> {
     for entry in fs::read_dir(source).map_err(io_err(source))? {
         let entry = entry.map_err(io_err(source))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !entry.path().is_file() || !is_model_file(&name) {
+        if !entry.path().is_file()
+            || !is_model_file(&name)
+            || (name == "config.json" && !include_config)
+        {
             continue;
         }
         let target = out.join(&name);
@@ -125,7 +128,7 @@ pub fn save_hf_model<M: TrainableModel + ModuleSnapshot + Clone>(
     store
         .collect_from(&merged)
         .map_err(|e| store_err(&path, e))?;
-    copy_model_files(source_dir, out)
+    copy_model_files(source_dir, out, true)
 }
 
 /// What an adapter directory describes (PEFT's `adapter_config.json`, the fields we use).
@@ -188,8 +191,8 @@ pub fn save_peft_adapter<M: TrainableModel + ModuleSnapshot>(
         .with_regexes(patterns)
         .metadata("format", "pt")
         .overwrite(true);
-    for (from, to) in peft_renames::<M>(model) {
-        store = store.with_key_remapping(from, to);
+    for (ours, peft) in peft_names::<M>(model) {
+        store = store.with_key_remapping(exact(&ours), peft);
     }
     store.collect_from(model).map_err(|e| store_err(&path, e))?;
     let config_path = out.join(ADAPTER_CONFIG);
@@ -204,18 +207,19 @@ pub fn save_peft_adapter<M: TrainableModel + ModuleSnapshot>(
     Ok(())
 }
 
-/// Exact `name → PEFT name` renames for every tensor of `model`.
-fn peft_renames<M: TrainableModel + ModuleSnapshot>(model: &M) -> Vec<(String, String)> {
+/// `(our tensor name, PEFT tensor name)` of every tensor of `model` (our names after the
+/// PyTorch adapter's renames, as they are written and read).
+fn peft_names<M: TrainableModel + ModuleSnapshot>(model: &M) -> Vec<(String, String)> {
     model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
         .iter()
-        .map(|t| {
-            (
-                format!("^{}$", regex::escape(&t.name)),
-                peft_tensor_name::<M>(&t.name),
-            )
-        })
+        .map(|t| (t.name.clone(), peft_tensor_name::<M>(&t.name)))
         .collect()
+}
+
+/// A regex matching exactly `name`.
+fn exact(name: &str) -> String {
+    format!("^{}$", regex::escape(name))
 }
 
 /// Reads a PEFT adapter directory's config.
@@ -251,10 +255,8 @@ pub fn load_peft_weights<M: TrainableModel + ModuleSnapshot>(
         .allow_partial(true)
         .map_indices_contiguous(false)
         .validate(true);
-    for (ours, peft) in peft_renames::<M>(model) {
-        // `ours` is an anchored regex of our name; invert it into an exact PEFT → ours rename.
-        let ours = unescape_anchored(&ours);
-        store = store.with_key_remapping(format!("^{}$", regex::escape(&peft)), ours);
+    for (ours, peft) in peft_names::<M>(model) {
+        store = store.with_key_remapping(exact(&peft), ours);
     }
     let result = model
         .load_from(&mut store)
@@ -275,25 +277,6 @@ pub fn load_peft_weights<M: TrainableModel + ModuleSnapshot>(
         )));
     }
     Ok(())
-}
-
-fn unescape_anchored(pattern: &str) -> String {
-    let inner = pattern
-        .strip_prefix('^')
-        .and_then(|p| p.strip_suffix('$'))
-        .unwrap_or(pattern);
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                out.push(next);
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Writes the parameters whose module path satisfies `keep` under their module paths
@@ -433,12 +416,6 @@ pub fn attach_peft_adapter<M: TrainableModel + ModuleSnapshot>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_anchored_patterns() {
-        let p = format!("^{}$", regex::escape("a.b[0].lora.lora_a"));
-        assert_eq!(unescape_anchored(&p), "a.b[0].lora.lora_a");
-    }
 
     #[test]
     fn atomic_write_replaces_and_rotation_keeps_the_newest() {

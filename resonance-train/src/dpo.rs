@@ -270,6 +270,13 @@ pub fn reward_metrics(
     ]
 }
 
+/// The token-mean negative log-likelihood of the chosen answers (TRL's `policy_nll_loss`) from
+/// their summed log-probs and lengths.
+pub fn chosen_nll(chosen_logps: Tensor<1>, chosen_lengths: &[f32]) -> Tensor<1> {
+    let tokens: f32 = chosen_lengths.iter().sum();
+    chosen_logps.sum().neg().div_scalar(tokens.max(1.0))
+}
+
 /// KTO on a batch of `n` unpaired examples: rows `0..n` are prompt + own completion, rows
 /// `n..2n` prompt + another example's completion (for the KL estimate). Returns the micro-batch
 /// loss (sum over its examples / `total_examples`) and TRL's metrics.
@@ -349,9 +356,7 @@ pub fn reference_free_loss(
     let average = policy.clone().div(len);
     let (ac, ar) = (average.clone().narrow(0, 0, n), average.narrow(0, n, n));
     let (pc, pr) = (policy.clone().narrow(0, 0, n), policy.narrow(0, n, n));
-    // Token-mean NLL of the chosen answers (TRL's `policy_nll_loss`).
-    let chosen_tokens: f32 = lengths[..n].iter().sum();
-    let nll = pc.clone().sum().neg().div_scalar(chosen_tokens.max(1.0));
+    let nll = chosen_nll(pc.clone(), &lengths[..n]);
     let invalid = |e: crate::losses::LossConfigError| TrainError::Input(e.to_string());
     match method.name {
         Method::Simpo => {

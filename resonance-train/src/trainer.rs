@@ -176,16 +176,23 @@ pub fn attach_lora<M: TrainableModel>(
     Ok(adapted)
 }
 
+/// The path prefixes of the components trained in full (`""` for a model that is all LM).
+fn full_component_prefixes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<&'static str> {
+    [Component::Vision, Component::Projector, Component::Language]
+        .into_iter()
+        .filter(|&c| group_of(groups, c) == GroupTraining::Full)
+        .filter_map(M::component_prefix)
+        .collect()
+}
+
 /// The regexes of the parameters a run trains (LoRA factors and fully trained components).
 fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<String> {
     let mut out = vec![r"\.lora\.lora_[ab]$".to_string()];
-    for component in [Component::Vision, Component::Projector, Component::Language] {
-        if group_of(groups, component) == GroupTraining::Full {
-            if let Some(prefix) = M::component_prefix(component) {
-                out.push(format!("^{}", regex::escape(prefix)));
-            }
-        }
-    }
+    out.extend(
+        full_component_prefixes::<M>(groups)
+            .into_iter()
+            .map(|prefix| format!("^{}", regex::escape(prefix))),
+    );
     out
 }
 
@@ -406,15 +413,10 @@ where
         .data
         .sampler(&datasets, config.train.seed)
         .map_err(|e| TrainError::Input(e.to_string()))?;
-    let eval_datasets: Vec<Dataset> = config
+    let eval_datasets = config
         .data
-        .eval_datasets
-        .iter()
-        .map(|d| {
-            resonance_core::data::load_dataset(&d.path, &d.load_options(config.data.on_error))
-                .map_err(|e| TrainError::Input(e.to_string()))
-        })
-        .collect::<Result<_>>()?;
+        .load_eval_datasets()
+        .map_err(|e| TrainError::Input(e.to_string()))?;
     let total = total_steps(config, sampler.num_samples());
     let warmup = config.schedule.warmup_steps_for(total);
 
@@ -487,6 +489,11 @@ where
         .pad_token_id()
         .or(context.processor.tokenizer.eos_token_id())
         .unwrap_or(0);
+    let eval_set = if eval_datasets.is_empty() {
+        None
+    } else {
+        Some(EvalSet::encode(&eval_datasets, context, pad_id)?)
+    };
     // DPO's reference: nothing (reference-free), the policy with its adapters switched off
     // (LoRA is all that trains), or a frozen copy of the initial weights.
     let reference = match config.method.name {
@@ -541,41 +548,38 @@ where
         losses.push((global_step, step_loss));
 
         let seconds = started.elapsed().as_secs_f64();
-        let evaluate = !eval_datasets.is_empty()
-            && ((config.train.eval_every > 0 && global_step % config.train.eval_every == 0)
-                || global_step == total);
-        let eval_loss = if evaluate {
-            let loss = evaluate_loss(&model, &eval_datasets, context, pad_id)?;
-            tracing::info!("step {global_step}: eval_loss {loss:.4}");
-            Some(loss)
-        } else {
-            None
+        let eval_due = (config.train.eval_every > 0 && global_step % config.train.eval_every == 0)
+            || global_step == total;
+        let eval_loss = match &eval_set {
+            Some(set) if eval_due => {
+                let loss = set.loss(&model, context)?;
+                tracing::info!("step {global_step}: eval_loss {loss:.4}");
+                Some(loss)
+            }
+            _ => None,
         };
         run_seconds += seconds;
         run_tokens += tokens;
         run_steps += 1;
-        let line = json!({
-            "step": global_step,
-            "epoch": stream.epoch as f64 + stream.index as f64 / sampler.num_samples() as f64,
-            "loss": step_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": tokens,
-            "tokens_per_second": tokens as f64 / seconds,
-            "step_seconds": seconds,
-        });
-        let line = match line {
-            serde_json::Value::Object(mut map) => {
-                if let Some(loss) = eval_loss {
-                    map.insert("eval_loss".into(), json!(loss));
-                }
-                for (name, value) in &outcome.metrics {
-                    map.insert(name.to_string(), json!(value));
-                }
-                serde_json::Value::Object(map)
-            }
-            line => line,
-        };
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), json!(global_step));
+        line.insert(
+            "epoch".into(),
+            json!(stream.epoch as f64 + stream.index as f64 / sampler.num_samples() as f64),
+        );
+        line.insert("loss".into(), json!(step_loss));
+        line.insert("lr".into(), json!(lr));
+        line.insert("grad_norm".into(), json!(grad_norm));
+        line.insert("tokens".into(), json!(tokens));
+        line.insert("tokens_per_second".into(), json!(tokens as f64 / seconds));
+        line.insert("step_seconds".into(), json!(seconds));
+        if let Some(loss) = eval_loss {
+            line.insert("eval_loss".into(), json!(loss));
+        }
+        for (name, value) in &outcome.metrics {
+            line.insert(name.to_string(), json!(value));
+        }
+        let line = serde_json::Value::Object(line);
         writeln!(metrics, "{line}").map_err(|source| TrainError::Io {
             path: metrics_path.clone(),
             source,
@@ -631,7 +635,7 @@ where
 
     let final_dir = if global_step >= total {
         let dir = run_dir.join("final");
-        export_final(&model, context, &adapted, &groups, &dir)?;
+        export_final(&model, context, &adapted, &dir)?;
         Some(dir)
     } else {
         None
@@ -703,15 +707,7 @@ fn sft_step<M: TrainableModel>(
     let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
     let mut loss_sum = 0f64;
     for batch in &micro_batches {
-        let pixels = context.processor.pixel_values(&batch.images, device)?;
-        let logits = model.forward_inputs(
-            ModelInputs {
-                input_ids: &batch.input_ids,
-                attention_mask: &batch.attention_mask,
-                pixel_values: pixels,
-            },
-            device,
-        )?;
+        let logits = sft_logits(model, context.processor, batch, device)?;
         let loss = sft_loss(logits, &batch.targets, normalizer);
         loss_sum += loss.clone().into_scalar::<f64>();
         let grads = loss.backward();
@@ -801,13 +797,10 @@ fn dpo_step<M: TrainableModel>(
                 };
                 Tensor::<1>::from_data(values.into_data(), device)
             };
-            let chosen_tokens: f32 = lengths[..batch.pairs].iter().sum();
-            let chosen_nll = policy
-                .clone()
-                .narrow(0, 0, batch.pairs)
-                .sum()
-                .neg()
-                .div_scalar(chosen_tokens.max(1.0));
+            let chosen_nll = crate::dpo::chosen_nll(
+                policy.clone().narrow(0, 0, batch.pairs),
+                &lengths[..batch.pairs],
+            );
             if config.method.name == Method::Kto {
                 let (loss, metrics) = crate::dpo::kto_batch_loss(
                     &config.method,
@@ -850,19 +843,35 @@ fn dpo_step<M: TrainableModel>(
     })
 }
 
-/// The token-averaged loss over every encodable record of the evaluation datasets, with
-/// dropout off and without recording gradients.
-fn evaluate_loss<M: TrainableModel>(
+/// Logits of an SFT batch, its images loaded onto `device`.
+fn sft_logits<M: TrainableModel>(
     model: &M,
-    datasets: &[Dataset],
-    context: &RunContext,
-    pad_id: u32,
-) -> Result<f64> {
-    let model = model.valid();
-    let device = context.device.clone().inner();
-    let mut examples = Vec::new();
-    for dataset in datasets {
-        for conversation in &dataset.records {
+    processor: &Processor,
+    batch: &SftBatch,
+    device: &Device,
+) -> Result<Tensor<3>> {
+    let pixels = processor.pixel_values(&batch.images, device)?;
+    Ok(model.forward_inputs(
+        ModelInputs {
+            input_ids: &batch.input_ids,
+            attention_mask: &batch.attention_mask,
+            pixel_values: pixels,
+        },
+        device,
+    )?)
+}
+
+/// The evaluation data, encoded once: batches of every encodable record and their number of
+/// trained tokens.
+struct EvalSet {
+    batches: Vec<SftBatch>,
+    targets: usize,
+}
+
+impl EvalSet {
+    fn encode(datasets: &[Dataset], context: &RunContext, pad_id: u32) -> Result<Self> {
+        let mut examples = Vec::new();
+        for conversation in datasets.iter().flat_map(|d| &d.records) {
             if let Ok(example) = encode_conversation(
                 context.processor,
                 conversation,
@@ -871,28 +880,30 @@ fn evaluate_loss<M: TrainableModel>(
                 examples.push(example);
             }
         }
+        let targets: usize = examples.iter().map(|e| e.num_trained()).sum();
+        if targets == 0 {
+            return Err(TrainError::Input(
+                "the evaluation datasets have no usable record".into(),
+            ));
+        }
+        let batches = examples
+            .chunks(context.config.train.batch_size.max(1))
+            .map(|chunk| SftBatch::collate(chunk, pad_id))
+            .collect();
+        Ok(EvalSet { batches, targets })
     }
-    let total_targets: usize = examples.iter().map(|e| e.num_trained()).sum();
-    if total_targets == 0 {
-        return Err(TrainError::Input(
-            "the evaluation datasets have no usable record".into(),
-        ));
+
+    /// The token-averaged loss with dropout off and without recording gradients.
+    fn loss<M: TrainableModel>(&self, model: &M, context: &RunContext) -> Result<f64> {
+        let model = model.valid();
+        let device = context.device.clone().inner();
+        let mut sum = 0f64;
+        for batch in &self.batches {
+            let logits = sft_logits(&model, context.processor, batch, &device)?;
+            sum += sft_loss(logits, &batch.targets, self.targets as f64).into_scalar::<f64>();
+        }
+        Ok(sum)
     }
-    let mut sum = 0f64;
-    for chunk in examples.chunks(context.config.train.batch_size.max(1)) {
-        let batch = SftBatch::collate(chunk, pad_id);
-        let pixels = context.processor.pixel_values(&batch.images, &device)?;
-        let logits = model.forward_inputs(
-            ModelInputs {
-                input_ids: &batch.input_ids,
-                attention_mask: &batch.attention_mask,
-                pixel_values: pixels,
-            },
-            &device,
-        )?;
-        sum += sft_loss(logits, &batch.targets, total_targets as f64).into_scalar::<f64>();
-    }
-    Ok(sum)
 }
 
 /// The adapter description of a LoRA run.
@@ -908,17 +919,15 @@ pub fn adapter_config<M: TrainableModel>(
         .collect();
     names.sort();
     names.dedup();
-    let mut modules_to_save = Vec::new();
-    let mut full_prefixes = Vec::new();
-    for component in [Component::Vision, Component::Projector, Component::Language] {
-        if group_of(&groups, component) == GroupTraining::Full {
-            if let Some(prefix) = M::component_prefix(component).filter(|p| !p.is_empty()) {
-                let module = prefix.trim_end_matches('.');
-                modules_to_save.push(module.to_string());
-                full_prefixes.push(prefix.to_string());
-            }
-        }
-    }
+    let full_prefixes: Vec<String> = full_component_prefixes::<M>(&groups)
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let modules_to_save: Vec<String> = full_prefixes
+        .iter()
+        .map(|p| p.trim_end_matches('.').to_string())
+        .collect();
     (
         AdapterConfig {
             peft_type: "LORA".into(),
@@ -941,19 +950,16 @@ fn export_final<M: TrainableModel + ModuleSnapshot + Clone>(
     model: &M,
     context: &RunContext,
     adapted: &[String],
-    groups: &TrainableGroups,
     dir: &Path,
 ) -> Result<()> {
-    let _ = groups;
     let config = context.config;
     write_dir_atomically(dir, |tmp| {
         if config.lora.enabled {
             let (adapter, full_prefixes) = adapter_config::<M>(config, adapted, &config.model.path);
             save_peft_adapter(&model.valid(), &adapter, &full_prefixes, tmp)?;
-            // The base model's tokenizer and templates travel with the adapter, as PEFT does.
-            crate::checkpoint::copy_model_files(context.model_dir, tmp)?;
-            let _ = fs::remove_file(tmp.join("config.json"));
-            Ok(())
+            // The base model's tokenizer and templates travel with the adapter, as PEFT does;
+            // its config.json does not (it would make the folder look like a full model).
+            crate::checkpoint::copy_model_files(context.model_dir, tmp, false)
         } else {
             save_hf_model(&model.valid(), context.model_dir, tmp)
         }

@@ -186,7 +186,16 @@ impl Default for DataConfig {
 impl DataConfig {
     /// Loads every dataset (names from `name` or the file stem).
     pub fn load_datasets(&self) -> Result<Vec<Dataset>, DataError> {
-        self.datasets
+        self.load_all(&self.datasets)
+    }
+
+    /// Loads every evaluation dataset, like [`DataConfig::load_datasets`].
+    pub fn load_eval_datasets(&self) -> Result<Vec<Dataset>, DataError> {
+        self.load_all(&self.eval_datasets)
+    }
+
+    fn load_all(&self, configs: &[DatasetConfig]) -> Result<Vec<Dataset>, DataError> {
+        configs
             .iter()
             .map(|d| {
                 let mut ds = load_dataset(&d.path, &d.load_options(self.on_error))?;

@@ -123,11 +123,7 @@ impl Linear {
 
     /// `x·W + b`, plus the adapter's update when one is attached.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = linear(
-            x.clone(),
-            self.base_weight(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let base = self.forward_base(x.clone());
         match &self.lora {
             Some(adapter) if !adapters_disabled() => base + adapter.forward(x),
             _ => base,
