@@ -244,21 +244,32 @@ pub fn total_steps(config: &ExperimentConfig, num_samples: usize) -> u64 {
     }
 }
 
-/// Draws samples in mixture order across epochs.
+/// Draws records of the datasets in mixture order across epochs, and counts the refused ones.
 struct SampleStream<'a> {
     sampler: &'a MixtureSampler,
+    datasets: &'a [Dataset],
     epoch: u64,
     index: usize,
     order: Vec<SampleRef>,
+    /// Records refused so far, by reason.
+    refused: BTreeMap<String, usize>,
 }
 
 impl<'a> SampleStream<'a> {
-    fn new(sampler: &'a MixtureSampler, epoch: u64, index: usize) -> Self {
+    fn new(
+        sampler: &'a MixtureSampler,
+        datasets: &'a [Dataset],
+        epoch: u64,
+        index: usize,
+        refused: BTreeMap<String, usize>,
+    ) -> Self {
         SampleStream {
             sampler,
+            datasets,
             epoch,
             index,
             order: sampler.epoch(epoch),
+            refused,
         }
     }
 
@@ -272,48 +283,47 @@ impl<'a> SampleStream<'a> {
         self.index += 1;
         s
     }
-}
 
-/// Draws and encodes samples until `count` examples are ready; refused records are counted
-/// (never silently truncated).
-fn next_items<T>(
-    stream: &mut SampleStream,
-    datasets: &[Dataset],
-    context: &RunContext,
-    count: usize,
-    refused: &mut BTreeMap<String, usize>,
-    encode: impl Fn(&Conversation) -> Result<std::result::Result<T, Refusal>>,
-) -> Result<Vec<T>> {
-    let mut out = Vec::with_capacity(count);
-    let mut attempts = 0usize;
-    let limit = stream.order.len().max(1) * 2 + count;
-    while out.len() < count {
-        attempts += 1;
-        if attempts > limit {
-            return Err(TrainError::Input(format!(
-                "every record drawn was refused ({refused:?}); check data.max_length and the data"
-            )));
-        }
-        let sample = stream.next_sample();
-        let conversation = &datasets[sample.dataset].records[sample.record];
-        match encode(conversation)? {
-            Ok(example) => out.push(example),
-            Err(refusal) => {
-                if context.config.data.on_error == OnError::Fail {
-                    return Err(TrainError::Record {
-                        path: conversation.source.file.to_path_buf(),
-                        line: conversation.source.line,
-                        message: format!(
-                            "{refusal} (set data.on_error = \"skip\" to skip such records)"
-                        ),
-                    });
+    /// Draws and encodes records until `count` examples are ready; refused records are counted
+    /// (never silently truncated), or stop the run under `data.on_error = "fail"`.
+    fn next_items<T>(
+        &mut self,
+        on_error: OnError,
+        count: usize,
+        encode: impl Fn(&Conversation) -> Result<std::result::Result<T, Refusal>>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(count);
+        let mut attempts = 0usize;
+        let limit = self.order.len().max(1) * 2 + count;
+        while out.len() < count {
+            attempts += 1;
+            if attempts > limit {
+                return Err(TrainError::Input(format!(
+                    "every record drawn was refused ({:?}); check data.max_length and the data",
+                    self.refused
+                )));
+            }
+            let sample = self.next_sample();
+            let conversation = &self.datasets[sample.dataset].records[sample.record];
+            match encode(conversation)? {
+                Ok(example) => out.push(example),
+                Err(refusal) => {
+                    if on_error == OnError::Fail {
+                        return Err(TrainError::Record {
+                            path: conversation.source.file.to_path_buf(),
+                            line: conversation.source.line,
+                            message: format!(
+                                "{refusal} (set data.on_error = \"skip\" to skip such records)"
+                            ),
+                        });
+                    }
+                    tracing::warn!("{}: skipped: {refusal}", conversation.source);
+                    *self.refused.entry(refusal.kind().to_string()).or_insert(0) += 1;
                 }
-                tracing::warn!("{}: skipped: {refusal}", conversation.source);
-                *refused.entry(refusal.kind().to_string()).or_insert(0) += 1;
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// The dropout seed of one optimizer step.
@@ -423,18 +433,22 @@ where
     // Optimizer and schedule.
     let mut optimizer = build_optimizer(config)?;
     let mut scheduler = build_scheduler::<M>(config, warmup, total)?;
-    let (mut global_step, mut stream, mut losses, mut refused) = match &state {
+    let (mut global_step, mut stream, mut losses) = match &state {
         Some(s) => (
             s.global_step,
-            SampleStream::new(&sampler, s.epoch, s.sample_index),
+            SampleStream::new(
+                &sampler,
+                &datasets,
+                s.epoch,
+                s.sample_index,
+                s.refused.clone(),
+            ),
             s.losses.clone(),
-            s.refused.clone(),
         ),
         None => (
             0,
-            SampleStream::new(&sampler, 0, 0),
+            SampleStream::new(&sampler, &datasets, 0, 0, BTreeMap::new()),
             Vec::new(),
-            BTreeMap::new(),
         ),
     };
     if let Some(dir) = &resume_dir {
@@ -513,23 +527,13 @@ where
         device.seed(step_seed(config.train.seed, global_step));
         let mut accumulator = GradientsAccumulator::<M>::new();
         let outcome = match config.method.name {
-            Method::Sft => sft_step(
-                &model,
-                &mut accumulator,
-                &mut stream,
-                &datasets,
-                context,
-                &mut refused,
-                pad_id,
-            )?,
+            Method::Sft => sft_step(&model, &mut accumulator, &mut stream, context, pad_id)?,
             Method::Dpo | Method::Simpo | Method::Orpo | Method::Kto => dpo_step(
                 &model,
                 &reference,
                 &mut accumulator,
                 &mut stream,
-                &datasets,
                 context,
-                &mut refused,
                 pad_id,
             )?,
         };
@@ -606,7 +610,7 @@ where
                 sample_index: stream.index,
                 seed: config.train.seed,
                 losses: losses.clone(),
-                refused: refused.clone(),
+                refused: stream.refused.clone(),
             };
             let dir = run_dir.join(format!("checkpoint-{global_step}"));
             write_dir_atomically(&dir, |tmp| {
@@ -656,7 +660,7 @@ where
         } else {
             0.0
         },
-        refused,
+        refused: stream.refused,
         trainable_parameters,
         total_parameters,
     })
@@ -681,23 +685,16 @@ fn sft_step<M: TrainableModel>(
     model: &M,
     accumulator: &mut GradientsAccumulator<M>,
     stream: &mut SampleStream,
-    datasets: &[Dataset],
     context: &RunContext,
-    refused: &mut BTreeMap<String, usize>,
     pad_id: u32,
 ) -> Result<StepOutcome> {
     let config = context.config;
     let device = context.device;
     let mut micro_batches = Vec::with_capacity(config.train.grad_accumulation);
     for _ in 0..config.train.grad_accumulation {
-        let examples = next_items(
-            stream,
-            datasets,
-            context,
-            config.train.batch_size,
-            refused,
-            |c| encode_conversation(context.processor, c, config.data.max_length),
-        )?;
+        let examples = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
+            encode_conversation(context.processor, c, config.data.max_length)
+        })?;
         micro_batches.push(SftBatch::collate(&examples, pad_id));
     }
     let normalizer = micro_batches
@@ -721,15 +718,12 @@ fn sft_step<M: TrainableModel>(
 }
 
 /// DPO: the mean pair loss over the accumulated batch, with TRL's reward metrics.
-#[allow(clippy::too_many_arguments)]
 fn dpo_step<M: TrainableModel>(
     model: &M,
     reference: &Reference<M>,
     accumulator: &mut GradientsAccumulator<M>,
     stream: &mut SampleStream,
-    datasets: &[Dataset],
     context: &RunContext,
-    refused: &mut BTreeMap<String, usize>,
     pad_id: u32,
 ) -> Result<StepOutcome> {
     let config = context.config;
@@ -740,22 +734,14 @@ fn dpo_step<M: TrainableModel>(
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
     let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
     for _ in 0..accumulation {
-        let pairs = next_items(
-            stream,
-            datasets,
-            context,
-            config.train.batch_size,
-            refused,
-            |c| {
-                crate::dpo::encode_pair(
-                    context.processor,
-                    c,
-                    config.data.max_length,
-                    config.data.max_prompt_length,
-                )
-            },
-        )?;
-        let mut pairs = pairs;
+        let mut pairs = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
+            crate::dpo::encode_pair(
+                context.processor,
+                c,
+                config.data.max_length,
+                config.data.max_prompt_length,
+            )
+        })?;
         let desirable: Vec<bool> = pairs.iter().map(|p| p.label.unwrap_or(true)).collect();
         if config.method.name == Method::Kto {
             // The KL rows pair each prompt with another example's completion (TRL reverses the
