@@ -284,3 +284,34 @@ fn train_on_wgpu_matches_cpu() {
         assert!((cpu - gpu).abs() < 1e-3, "cpu {cpu} vs wgpu {gpu}");
     }
 }
+
+#[test]
+fn resume_merge_and_plot_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    // --resume with no checkpoint in the run directory.
+    let config = write_config(tmp.path(), "data/demo/sft/llava.json", "");
+    let (ok, _, err) = resonance(&["train", "--config", config.to_str().unwrap(), "--resume"]);
+    assert!(!ok);
+    assert!(err.contains("no checkpoint-*"), "{err}");
+    // merge-lora with a folder that holds no adapter.
+    let (ok, _, err) = resonance(&[
+        "merge-lora",
+        "--base",
+        "fixtures/tiny-llava",
+        "--adapter",
+        tmp.path().to_str().unwrap(),
+        "--output",
+        tmp.path().join("merged").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("adapter_config.json"), "{err}");
+    // plot on a run directory whose metrics have a broken line.
+    std::fs::write(
+        tmp.path().join("metrics.jsonl"),
+        "{\"step\": 1, \"loss\": 2.0}\nnot json\n",
+    )
+    .unwrap();
+    let (ok, _, err) = resonance(&["plot", tmp.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("metrics.jsonl:2"), "{err}");
+}
