@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Writes data/demo/dpo/pairs.jsonl: preference pairs (`plain_dpo` format) over the demo images
-of data/demo/sft/images (made by make_sft_data.py), and data/demo/kto/unpaired.jsonl: the same
-answers as unpaired records (`unpaired` format: chosen → label true, rejected → label false).
+of data/demo/sft/images (made by make_sft_data.py), data/demo/kto/unpaired.jsonl: the same
+answers as unpaired records (`unpaired` format: chosen → label true, rejected → label false), and
+data/demo/reward/heldout.jsonl: held-out pairs for a reward model trained on pairs.jsonl — the
+same images and questions with wrong answers that pairs.jsonl never rejects for that image, so
+ranking them needs the image.
 Deterministic; standard library only.
 
     python3 data/demo/make_dpo_data.py
@@ -49,6 +52,24 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     print(f"wrote {len(pairs)} pairs to {out}")
+
+    heldout = []
+    i = 0
+    for background in BACKGROUNDS:
+        for shape in SHAPES:
+            for colour in COLOURS:
+                image = f"{colour}_{shape}_{background}.png"
+                other_colour = COLOURS[(COLOURS.index(colour) + 1 + (i + 1) % 3) % 4]
+                other_shape = SHAPES[(SHAPES.index(shape) + 1 + (i + 1) % 2) % 3]
+                heldout.append({"image": image, "prompt": "What colour is the shape?",
+                                "chosen": f"{colour}.", "rejected": f"{other_colour}."})
+                heldout.append({"image": image, "prompt": "What shape is it?",
+                                "chosen": f"{shape}.", "rejected": f"{other_shape}."})
+                i += 1
+    out = HERE / "reward" / "heldout.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(p) + "\n" for p in heldout))
+    print(f"wrote {len(heldout)} held-out pairs to {out}")
 
     unpaired = []
     for p in pairs:

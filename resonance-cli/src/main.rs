@@ -15,7 +15,7 @@ use resonance_models::load::resolve_model;
 use resonance_models::processor::Processor;
 use resonance_models::registry::{architectures, AnyModel};
 use resonance_train::data_check::check_data;
-use resonance_train::score::{read_score_records, score_records};
+use resonance_train::score::{read_score_records, reward_records, score_records};
 use resonance_train::trainer::{merge_lora, train, Resume, TrainOptions};
 
 use backend::BackendKind;
@@ -50,6 +50,10 @@ enum Command {
         /// Records per forward pass.
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
+        /// Print each response's reward under a reward model (a checkpoint with a value head)
+        /// instead of its log-probabilities.
+        #[arg(long)]
+        reward: bool,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
     },
@@ -277,9 +281,11 @@ fn run(cli: Cli) -> Result<()> {
             image_root,
             output,
             batch_size,
+            reward,
             backend,
         } => {
             let records = read_score_records(&data)?;
+            let model_dir = resolve_model(&model)?;
             let (model, processor, device) = load(&model, backend)?;
             let root = image_root
                 .unwrap_or_else(|| data.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -290,19 +296,38 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let outputs = score_records(
-                &model,
-                &processor,
-                &records,
-                &root,
-                batch_size,
-                &device,
-                |n| bar.inc(n as u64),
-            )?;
+            let lines: Vec<String> = if reward {
+                reward_records(
+                    &model,
+                    &model_dir,
+                    &processor,
+                    &records,
+                    &root,
+                    batch_size,
+                    &device,
+                    |n| bar.inc(n as u64),
+                )?
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<std::result::Result<_, _>>()?
+            } else {
+                score_records(
+                    &model,
+                    &processor,
+                    &records,
+                    &root,
+                    batch_size,
+                    &device,
+                    |n| bar.inc(n as u64),
+                )?
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<std::result::Result<_, _>>()?
+            };
             bar.finish_and_clear();
             let mut text = String::new();
-            for out in &outputs {
-                text.push_str(&serde_json::to_string(out)?);
+            for line in &lines {
+                text.push_str(line);
                 text.push('\n');
             }
             match output {

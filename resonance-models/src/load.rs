@@ -189,6 +189,54 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
+/// The tensor names of a checkpoint directory, read from the safetensors headers only (the
+/// tensor data is not read).
+pub fn checkpoint_tensor_names(dir: &Path) -> Result<BTreeSet<String>> {
+    use std::io::Read;
+    let mut names = BTreeSet::new();
+    for file in weight_files(dir)? {
+        let bad = |message: String| ModelError::Safetensors {
+            path: file.clone(),
+            message,
+        };
+        let mut reader = std::fs::File::open(&file).map_err(|source| ModelError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let mut len = [0u8; 8];
+        reader
+            .read_exact(&mut len)
+            .map_err(|e| bad(format!("header length: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        // The format caps headers at 100 MB; a larger value means a corrupt file.
+        if len > 100_000_000 {
+            return Err(bad(format!("header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        reader
+            .read_exact(&mut header)
+            .map_err(|e| bad(format!("header: {e}")))?;
+        let header: serde_json::Map<String, Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        names.extend(
+            header
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k != "__metadata__"),
+        );
+    }
+    Ok(names)
+}
+
+/// Whether a checkpoint carries a reward model's value head (`score.weight`, as transformers'
+/// `*ForSequenceClassification` models name it).
+pub fn has_value_head(dir: &Path) -> Result<bool> {
+    Ok(checkpoint_tensor_names(dir)?.contains("score.weight"))
+}
+
+/// transformers' default `initializer_range` (the std of a freshly initialised value head).
+pub const DEFAULT_INITIALIZER_RANGE: f64 = 0.02;
+
 /// How checkpoint names map onto a module and which leftovers are expected.
 #[derive(Debug, Clone, Default)]
 pub struct KeyMap {

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::llava::model::{Llava, LlavaInputs};
+use crate::llava::model::Llava;
 use crate::nn::linear::LinearLayers;
 use crate::registry::ModelInputs;
 use crate::text::model::CausalLm;
@@ -18,6 +18,8 @@ pub enum Component {
     Projector,
     /// The language model.
     Language,
+    /// A reward model's value head (`score`); always trained in full.
+    Head,
 }
 
 impl Component {
@@ -26,6 +28,7 @@ impl Component {
             Component::Vision => "vision",
             Component::Projector => "projector",
             Component::Language => "lm",
+            Component::Head => "head",
         }
     }
 }
@@ -41,14 +44,50 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     /// `None` when this architecture has no such component (a text-only model has no tower).
     fn component_prefix(component: Component) -> Option<&'static str>;
 
+    /// Final hidden states `[b, t, hidden]` of a batch whose rows come in `copies` groups of
+    /// `n` rows: row `g·n + i` belongs to example `i`, and `pixel_values` holds the images of
+    /// the `n` examples once. Each image is encoded once and its features serve every copy
+    /// (the chosen and rejected answers of a pair, or the candidates of a ranked list).
+    fn hidden_grouped(
+        &self,
+        inputs: ModelInputs,
+        copies: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>>;
+
+    /// The decoder that turns hidden states into logits and values.
+    fn decoder(&self) -> &CausalLm;
+
+    /// The decoder, mutably (to attach a value head).
+    fn decoder_mut(&mut self) -> &mut CausalLm;
+
     /// Logits `[b, t, vocab]` of a batch.
-    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>>;
+    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+        Ok(self
+            .decoder()
+            .logits(self.hidden_grouped(inputs, 1, device)?))
+    }
 
     /// Logits of a preference batch: rows `0..n` are the chosen sequences of `n` pairs, rows
     /// `n..2n` the rejected ones, and `pixel_values` holds the images of the `n` pairs once.
-    /// Each image is encoded once and its features serve both sequences of its pair.
     fn forward_pairs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
-        self.forward_inputs(inputs, device)
+        Ok(self
+            .decoder()
+            .logits(self.hidden_grouped(inputs, 2, device)?))
+    }
+
+    /// Per-token values `[b, t]` of the value head on a grouped batch (see
+    /// [`TrainableModel::hidden_grouped`]).
+    fn values_grouped(
+        &self,
+        inputs: ModelInputs,
+        copies: usize,
+        device: &Device,
+    ) -> Result<Tensor<2>> {
+        let hidden = self.hidden_grouped(inputs, copies, device)?;
+        self.decoder()
+            .values(hidden)
+            .ok_or_else(|| ModelError::Input("the model has no value head (`score`)".into()))
     }
 
     /// `(regex, replacement)` renames from module paths to the tensor names transformers writes
@@ -72,25 +111,47 @@ pub fn rename_path(path: &str, renames: &[(&str, &str)]) -> String {
 }
 
 impl TrainableModel for CausalLm {
-    fn component_of(_path: &str) -> Component {
-        Component::Language
+    fn component_of(path: &str) -> Component {
+        if path == "score" || path.starts_with("score.") {
+            Component::Head
+        } else {
+            Component::Language
+        }
     }
 
     fn component_prefix(component: Component) -> Option<&'static str> {
         match component {
             Component::Language => Some(""),
+            Component::Head => Some("score."),
             _ => None,
         }
     }
 
-    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+    fn hidden_grouped(
+        &self,
+        inputs: ModelInputs,
+        _copies: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
         if inputs.pixel_values.is_some() {
             return Err(ModelError::Input(
                 "this model is text-only and cannot take images".into(),
             ));
         }
         let embeds = self.embed(inputs.input_ids, device);
-        Ok(self.forward_embeds(embeds, inputs.attention_mask, None))
+        let decoder_inputs = crate::text::model::DecoderInputs {
+            attention_mask: inputs.attention_mask,
+            positions: None,
+        };
+        Ok(self.hidden_states(embeds, &decoder_inputs, None))
+    }
+
+    fn decoder(&self) -> &CausalLm {
+        self
+    }
+
+    fn decoder_mut(&mut self) -> &mut CausalLm {
+        self
     }
 
     fn checkpoint_renames() -> Vec<(&'static str, &'static str)> {
@@ -104,7 +165,9 @@ impl TrainableModel for CausalLm {
 
 impl TrainableModel for Llava {
     fn component_of(path: &str) -> Component {
-        if path.starts_with("vision_tower.") || path == "vision_tower" {
+        if path.starts_with("language_model.score.") || path == "language_model.score" {
+            Component::Head
+        } else if path.starts_with("vision_tower.") || path == "vision_tower" {
             Component::Vision
         } else if path.starts_with("multi_modal_projector.") || path == "multi_modal_projector" {
             Component::Projector
@@ -118,41 +181,52 @@ impl TrainableModel for Llava {
             Component::Vision => "vision_tower.",
             Component::Projector => "multi_modal_projector.",
             Component::Language => "language_model.",
+            Component::Head => "language_model.score.",
         })
     }
 
-    fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
-        self.forward(
-            &LlavaInputs {
-                input_ids: inputs.input_ids,
-                attention_mask: inputs.attention_mask,
-                pixel_values: inputs.pixel_values,
-            },
-            None,
-            device,
-        )
-    }
-
-    fn forward_pairs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
+    fn hidden_grouped(
+        &self,
+        inputs: ModelInputs,
+        copies: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
         let features = inputs.pixel_values.map(|pixels| {
             let once = self.image_features(pixels);
-            Tensor::cat(vec![once.clone(), once], 0)
+            Tensor::cat(vec![once; copies.max(1)], 0)
         });
         let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
+        let decoder_inputs = crate::text::model::DecoderInputs {
+            attention_mask: inputs.attention_mask,
+            positions: None,
+        };
         Ok(self
             .language_model
-            .forward_embeds(embeds, inputs.attention_mask, None))
+            .hidden_states(embeds, &decoder_inputs, None))
+    }
+
+    fn decoder(&self) -> &CausalLm {
+        &self.language_model
+    }
+
+    fn decoder_mut(&mut self) -> &mut CausalLm {
+        &mut self.language_model
     }
 
     fn checkpoint_renames() -> Vec<(&'static str, &'static str)> {
-        // transformers 5 writes LLaVA in the 4.x layout, with the CLIP tower unwrapped.
-        vec![(r"^vision_tower\.vision_model\.", "vision_tower.")]
+        // transformers 5 writes LLaVA in the 4.x layout, with the CLIP tower unwrapped; a value
+        // head is written at the top level, where `*ForSequenceClassification` models keep it.
+        vec![
+            (r"^vision_tower\.vision_model\.", "vision_tower."),
+            (r"^language_model\.score\.", "score."),
+        ]
     }
 
     fn module_renames() -> Vec<(&'static str, &'static str)> {
         vec![
             (r"^language_model\.model\.", "model.language_model."),
             (r"^language_model\.lm_head", "lm_head"),
+            (r"^language_model\.score", "score"),
             (r"^vision_tower\.vision_model\.", "model.vision_tower."),
             (r"^multi_modal_projector\.", "model.multi_modal_projector."),
         ]

@@ -117,9 +117,18 @@ pub fn save_hf_model<M: TrainableModel + ModuleSnapshot + Clone>(
     merged.visit_linears("", &mut |_, linear| linear.merge_lora());
     fs::create_dir_all(out).map_err(io_err(out))?;
     let path = out.join(MODEL_WEIGHTS);
+    // A text reward model is written as transformers' `*ForSequenceClassification`, which has
+    // no LM head (a multimodal one keeps it: transformers has no such class for it).
+    let reward = model.decoder().score.is_some();
+    fn keep(path: &str, _: &str) -> bool {
+        !is_lora_path(path)
+    }
+    fn keep_reward(path: &str, _: &str) -> bool {
+        !is_lora_path(path) && path != "lm_head.weight"
+    }
     let mut store = SafetensorsStore::from_file(path.clone())
         .with_to_adapter(BurnToPyTorchAdapter)
-        .with_predicate(|p, _| !is_lora_path(p))
+        .with_predicate(if reward { keep_reward } else { keep })
         .metadata("format", "pt")
         .overwrite(true);
     for (from, to) in M::checkpoint_renames() {
@@ -128,7 +137,32 @@ pub fn save_hf_model<M: TrainableModel + ModuleSnapshot + Clone>(
     store
         .collect_from(&merged)
         .map_err(|e| store_err(&path, e))?;
-    copy_model_files(source_dir, out, true)
+    copy_model_files(source_dir, out, true)?;
+    if reward {
+        mark_reward_config(&out.join("config.json"))?;
+    }
+    Ok(())
+}
+
+/// Marks an exported config as a one-label sequence classifier, as transformers writes a reward
+/// model: `id2label` / `label2id` with one label and, for a text model, the
+/// `*ForSequenceClassification` architecture.
+fn mark_reward_config(path: &Path) -> Result<()> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let mut config: Value = serde_json::from_str(&text).map_err(|e| store_err(path, e))?;
+    if let Value::Object(map) = &mut config {
+        map.insert("id2label".into(), json!({"0": "LABEL_0"}));
+        map.insert("label2id".into(), json!({"LABEL_0": 0}));
+        if let Some(Value::Array(archs)) = map.get_mut("architectures") {
+            for arch in archs.iter_mut() {
+                if let Some(name) = arch.as_str().and_then(|a| a.strip_suffix("ForCausalLM")) {
+                    *arch = json!(format!("{name}ForSequenceClassification"));
+                }
+            }
+        }
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| store_err(path, e))?;
+    fs::write(path, text + "\n").map_err(io_err(path))
 }
 
 /// What an adapter directory describes (PEFT's `adapter_config.json`, the fields we use).
@@ -151,6 +185,9 @@ pub struct AdapterConfig {
     pub use_dora: bool,
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// PEFT's task type (`SEQ_CLS` for a reward model, whose value head is saved whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
 }
 
 /// The name of a tensor in a PEFT adapter file, from its Burn-side name (after the PyTorch
@@ -198,7 +235,8 @@ pub fn save_peft_adapter<M: TrainableModel + ModuleSnapshot>(
     let config_path = out.join(ADAPTER_CONFIG);
     let mut value = serde_json::to_value(config).map_err(|e| store_err(&config_path, e))?;
     if let Value::Object(map) = &mut value {
-        map.insert("task_type".into(), json!("CAUSAL_LM"));
+        let task = config.task_type.as_deref().unwrap_or("CAUSAL_LM");
+        map.insert("task_type".into(), json!(task));
         map.insert("inference_mode".into(), json!(true));
         map.insert("init_lora_weights".into(), json!(true));
     }
@@ -402,6 +440,13 @@ pub fn attach_peft_adapter<M: TrainableModel + ModuleSnapshot>(
         dropout: 0.0,
         quantize_base: false,
     };
+    // A reward model's adapter carries its value head whole (PEFT `SEQ_CLS`): give the base
+    // model a head for it to load into.
+    if config.task_type.as_deref() == Some("SEQ_CLS") && model.decoder().score.is_none() {
+        model
+            .decoder_mut()
+            .attach_value_head(resonance_models::load::DEFAULT_INITIALIZER_RANGE, device);
+    }
     let targets = config.target_modules.clone();
     model.visit_linears("", &mut |path, linear| {
         let name = path.rsplit('.').next().unwrap_or(path);

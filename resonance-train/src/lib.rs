@@ -7,6 +7,7 @@ pub mod error;
 pub mod logprobs;
 pub mod losses;
 pub mod params;
+pub mod reward;
 pub mod schedule;
 pub mod score;
 pub mod sft;

@@ -11,6 +11,7 @@
 
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::{Tensor, TensorData};
+use resonance_core::config::RankingLoss;
 use serde::{Deserialize, Serialize};
 
 /// A loss configuration that TRL would reject, or an input that the loss type needs but was missing.
@@ -504,4 +505,53 @@ pub fn bradley_terry_loss(
         );
     }
     BradleyTerryOutput { losses, loss }
+}
+
+/// Reward-model loss on ranked lists `rewards` `[n, K]` (column 0 the best answer): one loss per
+/// list.
+///
+/// * [`RankingLoss::Pairwise`]: the mean over the `K(K−1)/2` pairs `i < j` of `−logσ(r_i − r_j)`
+///   (InstructGPT's comparisons; for `K = 2` exactly [`bradley_terry_loss`]'s per-pair loss).
+/// * [`RankingLoss::PlackettLuce`]: `−Σ_{i<K} (r_i − log Σ_{j≥i} exp r_j)`, the negative
+///   log-likelihood of the whole ranking (Vision-LLM-Alignment's `rm_training_main.py`, whose
+///   last term `i = K−1` is 0). For `K = 2` it equals the pairwise loss.
+pub fn ranking_loss(rewards: Tensor<2>, kind: RankingLoss) -> Tensor<1> {
+    let [n, k] = rewards.dims();
+    let column = |i: usize| rewards.clone().narrow(1, i, 1).reshape([n]);
+    match kind {
+        RankingLoss::Pairwise => {
+            let mut terms = Vec::new();
+            for i in 0..k {
+                for j in i + 1..k {
+                    terms.push(log_sigmoid(column(i).sub(column(j))).neg());
+                }
+            }
+            let count = terms.len().max(1) as f64;
+            match terms.into_iter().reduce(|a, b| a.add(b)) {
+                Some(sum) => sum.div_scalar(count),
+                None => Tensor::zeros([n], &rewards.device()),
+            }
+        }
+        RankingLoss::PlackettLuce => {
+            let mut total: Option<Tensor<1>> = None;
+            for i in 0..k.saturating_sub(1) {
+                let rest = rewards.clone().narrow(1, i, k - i);
+                // log Σ exp, shifted by the row maximum for stability.
+                let max = rest.clone().max_dim(1);
+                let lse = rest
+                    .sub(max.clone())
+                    .exp()
+                    .sum_dim(1)
+                    .log()
+                    .add(max)
+                    .reshape([n]);
+                let term = lse.sub(column(i));
+                total = Some(match total {
+                    Some(t) => t.add(term),
+                    None => term,
+                });
+            }
+            total.unwrap_or_else(|| Tensor::zeros([n], &rewards.device()))
+        }
+    }
 }

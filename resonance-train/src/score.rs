@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use resonance_models::processor::Processor;
 use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::trainable::TrainableModel;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -83,6 +84,72 @@ pub fn read_score_records(path: &Path) -> Result<Vec<ScoreRecord>> {
     Ok(records)
 }
 
+/// One batch of records as right-padded rows.
+struct ScoreBatch {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<bool>>,
+    /// `(position, token)` of each response token (predicted from `position`).
+    targets: Vec<Vec<(usize, u32)>>,
+    images: Vec<PathBuf>,
+    /// Each row's unpadded length.
+    lengths: Vec<usize>,
+}
+
+fn encode_batch(
+    processor: &Processor,
+    chunk: &[ScoreRecord],
+    first_index: usize,
+    image_root: &Path,
+    pad: u32,
+) -> Result<ScoreBatch> {
+    let mut rows = Vec::new();
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (offset, record) in chunk.iter().enumerate() {
+        let paths = record.image_paths();
+        let encoded = processor
+            .encode_pair(&record.prompt, &record.response, paths.len())
+            .map_err(|e| TrainError::Input(format!("record {}: {e}", first_index + offset + 1)))?;
+        images.extend(paths.iter().map(|p| image_root.join(p)));
+        rows.push(encoded);
+    }
+    let width = rows
+        .iter()
+        .map(|r| r.prompt_ids.len() + r.response_ids.len())
+        .max()
+        .unwrap_or(0);
+    let mut batch = ScoreBatch {
+        ids: Vec::new(),
+        mask: Vec::new(),
+        targets: Vec::new(),
+        images,
+        lengths: Vec::new(),
+    };
+    for row in &rows {
+        let mut seq = row.prompt_ids.clone();
+        seq.extend(&row.response_ids);
+        let len = seq.len();
+        let start = row.prompt_ids.len();
+        batch
+            .targets
+            .push((start..len).map(|p| (p - 1, seq[p])).collect());
+        seq.resize(width, pad);
+        let mut valid = vec![true; len];
+        valid.resize(width, false);
+        batch.ids.push(seq);
+        batch.mask.push(valid);
+        batch.lengths.push(len);
+    }
+    Ok(batch)
+}
+
+fn padding_id(processor: &Processor) -> u32 {
+    processor
+        .tokenizer
+        .pad_token_id()
+        .or(processor.tokenizer.eos_token_id())
+        .unwrap_or(0)
+}
+
 /// Scores records in batches of `batch_size` (right-padded, so padding never changes the
 /// scores); `progress` is told how many records each batch finished.
 pub fn score_records(
@@ -94,59 +161,92 @@ pub fn score_records(
     device: &Device,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<ScoreOutput>> {
-    let pad = processor
-        .tokenizer
-        .pad_token_id()
-        .or(processor.tokenizer.eos_token_id())
-        .unwrap_or(0);
+    let pad = padding_id(processor);
+    let size = batch_size.max(1);
     let mut outputs = Vec::with_capacity(records.len());
-    for (chunk_index, chunk) in records.chunks(batch_size.max(1)).enumerate() {
-        let mut rows = Vec::new();
-        let mut images: Vec<PathBuf> = Vec::new();
-        for (offset, record) in chunk.iter().enumerate() {
-            let index = chunk_index * batch_size.max(1) + offset;
-            let paths = record.image_paths();
-            let encoded = processor
-                .encode_pair(&record.prompt, &record.response, paths.len())
-                .map_err(|e| TrainError::Input(format!("record {}: {e}", index + 1)))?;
-            images.extend(paths.iter().map(|p| image_root.join(p)));
-            rows.push(encoded);
-        }
-        let width = rows
-            .iter()
-            .map(|r| r.prompt_ids.len() + r.response_ids.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = Vec::new();
-        let mut mask = Vec::new();
-        let mut targets = Vec::new();
-        for row in &rows {
-            let mut seq = row.prompt_ids.clone();
-            seq.extend(&row.response_ids);
-            let len = seq.len();
-            let start = row.prompt_ids.len();
-            targets.push((start..len).map(|p| (p - 1, seq[p])).collect::<Vec<_>>());
-            seq.resize(width, pad);
-            let mut valid = vec![true; len];
-            valid.resize(width, false);
-            ids.push(seq);
-            mask.push(valid);
-        }
-        let pixel_values = processor.pixel_values(&images, device)?;
+    for (chunk_index, chunk) in records.chunks(size).enumerate() {
+        let batch = encode_batch(processor, chunk, chunk_index * size, image_root, pad)?;
+        let pixel_values = processor.pixel_values(&batch.images, device)?;
         let logits = model.forward(
             ModelInputs {
-                input_ids: &ids,
-                attention_mask: &mask,
+                input_ids: &batch.ids,
+                attention_mask: &batch.mask,
                 pixel_values,
             },
             None,
             device,
         )?;
-        for (record, logps) in chunk.iter().zip(token_logprobs(logits, &targets)) {
+        for (record, logps) in chunk.iter().zip(token_logprobs(logits, &batch.targets)) {
             outputs.push(ScoreOutput {
                 logprob: logps.iter().map(|&v| v as f64).sum(),
                 num_tokens: logps.len(),
                 token_logprobs: logps,
+                id: record.id.clone(),
+            });
+        }
+        progress(chunk.len());
+    }
+    Ok(outputs)
+}
+
+/// One output line of `score --reward`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RewardOutput {
+    /// The reward model's scalar for the prompt and response.
+    pub reward: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<Value>,
+}
+
+/// Rewards of records under a reward model (a checkpoint with a value head, `score.weight`),
+/// pooled at the last token that is not the config's `pad_token_id`, as transformers'
+/// sequence classifiers pool.
+#[allow(clippy::too_many_arguments)]
+pub fn reward_records(
+    model: &AnyModel,
+    model_dir: &Path,
+    processor: &Processor,
+    records: &[ScoreRecord],
+    image_root: &Path,
+    batch_size: usize,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<RewardOutput>> {
+    if !resonance_models::load::has_value_head(model_dir)? {
+        return Err(TrainError::Input(format!(
+            "{} is not a reward model: its weights have no value head (`score.weight`)",
+            model_dir.display()
+        )));
+    }
+    let config_pad = crate::reward::config_pad_token_id(model_dir)?;
+    let pad = padding_id(processor);
+    let size = batch_size.max(1);
+    let mut outputs = Vec::with_capacity(records.len());
+    for (chunk_index, chunk) in records.chunks(size).enumerate() {
+        let batch = encode_batch(processor, chunk, chunk_index * size, image_root, pad)?;
+        let pixel_values = processor.pixel_values(&batch.images, device)?;
+        let inputs = ModelInputs {
+            input_ids: &batch.ids,
+            attention_mask: &batch.mask,
+            pixel_values,
+        };
+        let values = match model {
+            AnyModel::Text(m, _) => m.values_grouped(inputs, 1, device)?,
+            AnyModel::Llava(m, _) => m.values_grouped(inputs, 1, device)?,
+        };
+        let pool: Vec<usize> = batch
+            .ids
+            .iter()
+            .zip(&batch.lengths)
+            .map(|(ids, &len)| crate::reward::pool_position(&ids[..len], config_pad))
+            .collect();
+        let rewards: Vec<f32> = crate::reward::pooled_rewards(values, &pool)
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| TrainError::Input(format!("reading rewards: {e:?}")))?;
+        for (record, reward) in chunk.iter().zip(rewards) {
+            outputs.push(RewardOutput {
+                reward: reward as f64,
                 id: record.id.clone(),
             });
         }

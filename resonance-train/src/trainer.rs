@@ -38,6 +38,7 @@ use crate::checkpoint::{
 };
 use crate::error::{Result, TrainError};
 use crate::params::{clip_grad_norm, is_lora_path, param_table, prepare_params};
+use crate::reward::RankedBatch;
 use crate::schedule::WarmupSchedule;
 use crate::sft::{encode_conversation, sft_loss, Refusal, SftBatch};
 
@@ -129,6 +130,8 @@ fn group_of(groups: &TrainableGroups, component: Component) -> GroupTraining {
         Component::Vision => groups.vision,
         Component::Projector => groups.projector,
         Component::Language => groups.lm,
+        // A reward model's value head is new: it always trains (PEFT's `modules_to_save`).
+        Component::Head => GroupTraining::Full,
     }
 }
 
@@ -158,7 +161,7 @@ pub fn attach_lora<M: TrainableModel>(
             TargetModules::Auto => match component {
                 Component::Vision => AUTO_VISION_TARGETS.contains(&name),
                 Component::Language => AUTO_LM_TARGETS.contains(&name),
-                Component::Projector => false,
+                Component::Projector | Component::Head => false,
             },
             TargetModules::Names(names) => names.iter().any(|n| n == name || n == path),
         };
@@ -178,11 +181,16 @@ pub fn attach_lora<M: TrainableModel>(
 
 /// The path prefixes of the components trained in full (`""` for a model that is all LM).
 fn full_component_prefixes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<&'static str> {
-    [Component::Vision, Component::Projector, Component::Language]
-        .into_iter()
-        .filter(|&c| group_of(groups, c) == GroupTraining::Full)
-        .filter_map(M::component_prefix)
-        .collect()
+    [
+        Component::Vision,
+        Component::Projector,
+        Component::Language,
+        Component::Head,
+    ]
+    .into_iter()
+    .filter(|&c| group_of(groups, c) == GroupTraining::Full)
+    .filter_map(M::component_prefix)
+    .collect()
 }
 
 /// The regexes of the parameters a run trains (LoRA factors and fully trained components).
@@ -374,8 +382,13 @@ where
         None => None,
     };
 
-    // Model: adapters, then the trained weights of the checkpoint, then ids and gradients.
+    // Model: a value head for a reward model, adapters, then the trained weights of the
+    // checkpoint, then ids and gradients.
     device.seed(config.train.seed);
+    if config.method.name == Method::Reward && model.decoder().score.is_none() {
+        let std = crate::reward::initializer_range(context.model_dir)?;
+        model.decoder_mut().attach_value_head(std, device);
+    }
     let adapted = attach_lora(&mut model, config, device)?;
     if let Some(dir) = &resume_dir {
         load_trainable(&mut model, &dir.join(TRAINABLE_WEIGHTS))?;
@@ -503,10 +516,15 @@ where
         .pad_token_id()
         .or(context.processor.tokenizer.eos_token_id())
         .unwrap_or(0);
+    let config_pad = crate::reward::config_pad_token_id(context.model_dir)?;
     let eval_set = if eval_datasets.is_empty() {
         None
     } else {
-        Some(EvalSet::encode(&eval_datasets, context, pad_id)?)
+        Some(EvalSet::encode(
+            &eval_datasets,
+            context,
+            (pad_id, config_pad),
+        )?)
     };
     // DPO's reference: nothing (reference-free), the policy with its adapters switched off
     // (LoRA is all that trains), or a frozen copy of the initial weights.
@@ -518,7 +536,7 @@ where
             Reference::AdaptersOff
         }
         Method::Dpo | Method::Kto => Reference::Copy(Box::new(model.valid())),
-        Method::Sft | Method::Simpo | Method::Orpo => Reference::None,
+        Method::Sft | Method::Simpo | Method::Orpo | Method::Reward => Reference::None,
     };
     let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
 
@@ -528,6 +546,13 @@ where
         let mut accumulator = GradientsAccumulator::<M>::new();
         let outcome = match config.method.name {
             Method::Sft => sft_step(&model, &mut accumulator, &mut stream, context, pad_id)?,
+            Method::Reward => reward_step(
+                &model,
+                &mut accumulator,
+                &mut stream,
+                context,
+                (pad_id, config_pad),
+            )?,
             Method::Dpo | Method::Simpo | Method::Orpo | Method::Kto => dpo_step(
                 &model,
                 &reference,
@@ -554,13 +579,15 @@ where
         let seconds = started.elapsed().as_secs_f64();
         let eval_due = (config.train.eval_every > 0 && global_step % config.train.eval_every == 0)
             || global_step == total;
-        let eval_loss = match &eval_set {
+        let eval_metrics = match &eval_set {
             Some(set) if eval_due => {
-                let loss = set.loss(&model, context)?;
-                tracing::info!("step {global_step}: eval_loss {loss:.4}");
-                Some(loss)
+                let metrics = set.evaluate(&model, context)?;
+                let shown: Vec<String> =
+                    metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                tracing::info!("step {global_step}: {}", shown.join(", "));
+                metrics
             }
-            _ => None,
+            _ => Vec::new(),
         };
         run_seconds += seconds;
         run_tokens += tokens;
@@ -577,8 +604,8 @@ where
         line.insert("tokens".into(), json!(tokens));
         line.insert("tokens_per_second".into(), json!(tokens as f64 / seconds));
         line.insert("step_seconds".into(), json!(seconds));
-        if let Some(loss) = eval_loss {
-            line.insert("eval_loss".into(), json!(loss));
+        for (name, value) in eval_metrics {
+            line.insert(name, json!(value));
         }
         for (name, value) in &outcome.metrics {
             line.insert(name.to_string(), json!(value));
@@ -829,6 +856,69 @@ fn dpo_step<M: TrainableModel>(
     })
 }
 
+/// Reward model: the mean ranking loss over the accumulated batch's lists, with TRL's reward
+/// metrics. `pads` = (the id padding rows, the config's `pad_token_id` pooling skips).
+fn reward_step<M: TrainableModel>(
+    model: &M,
+    accumulator: &mut GradientsAccumulator<M>,
+    stream: &mut SampleStream,
+    context: &RunContext,
+    pads: (u32, Option<u32>),
+) -> Result<StepOutcome> {
+    let config = context.config;
+    let accumulation = config.train.grad_accumulation;
+    let (mut loss_sum, mut tokens) = (0f64, 0usize);
+    let mut lists = Vec::new();
+    for _ in 0..accumulation {
+        let examples = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
+            crate::reward::encode_ranked(
+                context.processor,
+                c,
+                config.data.max_length,
+                config.data.max_prompt_length,
+            )
+        })?;
+        let batch = RankedBatch::collate(&examples, pads.0, pads.1)?;
+        tokens += batch.num_tokens();
+        let rewards = ranked_rewards(model, context.processor, &batch, context.device)?;
+        lists.extend(crate::reward::lists_to_host(rewards.clone().detach())?);
+        let loss = crate::reward::reward_batch_loss(&config.method, rewards, accumulation);
+        loss_sum += loss.clone().into_scalar::<f64>();
+        let grads = loss.backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    Ok(StepOutcome {
+        loss: loss_sum,
+        tokens,
+        metrics: crate::reward::reward_metrics(&lists),
+    })
+}
+
+/// Rewards `[n, K]` of a ranked batch, each image encoded once for all its candidates.
+fn ranked_rewards<M: TrainableModel>(
+    model: &M,
+    processor: &Processor,
+    batch: &RankedBatch,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    let pixels = processor.pixel_values(&batch.images, device)?;
+    let values = model.values_grouped(
+        ModelInputs {
+            input_ids: &batch.input_ids,
+            attention_mask: &batch.attention_mask,
+            pixel_values: pixels,
+        },
+        batch.candidates,
+        device,
+    )?;
+    let rewards = crate::reward::pooled_rewards(values, &batch.pool_index);
+    Ok(crate::reward::rewards_by_list(
+        rewards,
+        batch.lists,
+        batch.candidates,
+    ))
+}
+
 /// Logits of an SFT batch, its images loaded onto `device`.
 fn sft_logits<M: TrainableModel>(
     model: &M,
@@ -847,22 +937,56 @@ fn sft_logits<M: TrainableModel>(
     )?)
 }
 
-/// The evaluation data, encoded once: batches of every encodable record and their number of
-/// trained tokens.
-struct EvalSet {
-    batches: Vec<SftBatch>,
-    targets: usize,
+/// The evaluation data, encoded once: for SFT and the preference methods, the SFT batches of
+/// every encodable record (the chosen answers of pairs) and their number of trained tokens; for
+/// a reward model, its ranked batches.
+enum EvalSet {
+    Sft {
+        batches: Vec<SftBatch>,
+        targets: usize,
+    },
+    Reward {
+        batches: Vec<RankedBatch>,
+    },
 }
 
 impl EvalSet {
-    fn encode(datasets: &[Dataset], context: &RunContext, pad_id: u32) -> Result<Self> {
+    fn encode(
+        datasets: &[Dataset],
+        context: &RunContext,
+        pads: (u32, Option<u32>),
+    ) -> Result<Self> {
+        let config = context.config;
+        let records = datasets.iter().flat_map(|d| &d.records);
+        let batch_size = config.train.batch_size.max(1);
+        if config.method.name == Method::Reward {
+            let mut examples = Vec::new();
+            for conversation in records {
+                if let Ok(example) = crate::reward::encode_ranked(
+                    context.processor,
+                    conversation,
+                    config.data.max_length,
+                    config.data.max_prompt_length,
+                )? {
+                    examples.push(example);
+                }
+            }
+            if examples.is_empty() {
+                return Err(TrainError::Input(
+                    "the evaluation datasets have no usable record".into(),
+                ));
+            }
+            let batches = examples
+                .chunks(batch_size)
+                .map(|chunk| RankedBatch::collate(chunk, pads.0, pads.1))
+                .collect::<Result<_>>()?;
+            return Ok(EvalSet::Reward { batches });
+        }
         let mut examples = Vec::new();
-        for conversation in datasets.iter().flat_map(|d| &d.records) {
-            if let Ok(example) = encode_conversation(
-                context.processor,
-                conversation,
-                context.config.data.max_length,
-            )? {
+        for conversation in records {
+            if let Ok(example) =
+                encode_conversation(context.processor, conversation, config.data.max_length)?
+            {
                 examples.push(example);
             }
         }
@@ -873,22 +997,54 @@ impl EvalSet {
             ));
         }
         let batches = examples
-            .chunks(context.config.train.batch_size.max(1))
-            .map(|chunk| SftBatch::collate(chunk, pad_id))
+            .chunks(batch_size)
+            .map(|chunk| SftBatch::collate(chunk, pads.0))
             .collect();
-        Ok(EvalSet { batches, targets })
+        Ok(EvalSet::Sft { batches, targets })
     }
 
-    /// The token-averaged loss with dropout off and without recording gradients.
-    fn loss<M: TrainableModel>(&self, model: &M, context: &RunContext) -> Result<f64> {
+    /// The evaluation metrics with dropout off and without recording gradients: `eval_loss`
+    /// (token-averaged cross-entropy, or the reward model's mean ranking loss) and, for a reward
+    /// model, TRL's reward metrics with an `eval_` prefix.
+    fn evaluate<M: TrainableModel>(
+        &self,
+        model: &M,
+        context: &RunContext,
+    ) -> Result<Vec<(String, f64)>> {
         let model = model.valid();
         let device = context.device.clone().inner();
-        let mut sum = 0f64;
-        for batch in &self.batches {
-            let logits = sft_logits(&model, context.processor, batch, &device)?;
-            sum += sft_loss(logits, &batch.targets, self.targets as f64).into_scalar::<f64>();
+        match self {
+            EvalSet::Sft { batches, targets } => {
+                let mut sum = 0f64;
+                for batch in batches {
+                    let logits = sft_logits(&model, context.processor, batch, &device)?;
+                    sum += sft_loss(logits, &batch.targets, *targets as f64).into_scalar::<f64>();
+                }
+                Ok(vec![("eval_loss".into(), sum)])
+            }
+            EvalSet::Reward { batches } => {
+                let (mut loss_sum, mut lists) = (0f64, Vec::new());
+                for batch in batches {
+                    let rewards = ranked_rewards(&model, context.processor, batch, &device)?;
+                    let losses = crate::losses::ranking_loss(
+                        rewards.clone(),
+                        context.config.method.ranking_loss,
+                    );
+                    loss_sum += losses.sum().into_scalar::<f64>();
+                    lists.extend(crate::reward::lists_to_host(rewards)?);
+                }
+                let mut out = vec![(
+                    "eval_loss".to_string(),
+                    loss_sum / lists.len().max(1) as f64,
+                )];
+                out.extend(
+                    crate::reward::reward_metrics(&lists)
+                        .into_iter()
+                        .map(|(name, value)| (format!("eval_{name}"), value)),
+                );
+                Ok(out)
+            }
         }
-        Ok(sum)
     }
 }
 
@@ -927,6 +1083,7 @@ pub fn adapter_config<M: TrainableModel>(
             use_rslora: false,
             use_dora: false,
             fan_in_fan_out: false,
+            task_type: (config.method.name == Method::Reward).then(|| "SEQ_CLS".to_string()),
         },
         full_prefixes,
     )

@@ -254,6 +254,10 @@ pub enum Method {
     Orpo,
     /// KTO on `unpaired` records (desirable / undesirable completions).
     Kto,
+    /// A reward model: the model with a scalar value head on the last token of each answer,
+    /// trained with the Bradley-Terry loss on preference pairs (or on ranked lists, see
+    /// `method.ranking_loss`).
+    Reward,
 }
 
 impl Method {
@@ -267,9 +271,24 @@ impl Method {
         match self {
             Method::Sft => None,
             Method::Kto => Some(crate::data::DataFormat::Unpaired),
-            Method::Dpo | Method::Simpo | Method::Orpo => Some(crate::data::DataFormat::PlainDpo),
+            Method::Dpo | Method::Simpo | Method::Orpo | Method::Reward => {
+                Some(crate::data::DataFormat::PlainDpo)
+            }
         }
     }
+}
+
+/// How a reward model learns from a list of answers ranked best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RankingLoss {
+    /// Bradley-Terry on every pair `(i, j)`, `i` ranked above `j`, averaged over the pairs
+    /// (InstructGPT's K-choose-2 comparisons; a single pair is TRL's `RewardTrainer` loss).
+    #[default]
+    Pairwise,
+    /// Plackett-Luce: `−Σᵢ log softmax(r_i, …, r_K)ᵢ`, per list (Vision-LLM-Alignment's
+    /// reward trainer). Equal to Bradley-Terry for two answers.
+    PlackettLuce,
 }
 
 /// DPO loss variants; serde names are TRL's `loss_type` strings.
@@ -385,7 +404,7 @@ impl<'de> Deserialize<'de> for DpoLossTypes {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MethodConfig {
-    /// The method: `"sft"` or `"dpo"`. Default `"sft"`.
+    /// The method: `"sft"`, `"dpo"`, `"simpo"`, `"orpo"`, `"kto"` or `"reward"`. Default `"sft"`.
     pub name: Method,
     /// DPO: inverse temperature β (τ for IPO), > 0. Default 0.1.
     pub beta: f64,
@@ -412,6 +431,11 @@ pub struct MethodConfig {
     /// to the loss, ≥ 0, as TRL's `rpo_alpha` did. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpo_alpha: Option<f64>,
+    /// Reward: the loss on ranked lists of more than two answers. Default `"pairwise"`.
+    pub ranking_loss: RankingLoss,
+    /// Reward: TRL's `center_rewards_coefficient`, the weight of `mean((r_chosen + r_rejected)²)`
+    /// added to the loss to keep rewards centred on 0 (Eisenstein et al.). Default: none.
+    pub center_rewards_coefficient: Option<f64>,
 }
 
 impl Default for MethodConfig {
@@ -427,6 +451,8 @@ impl Default for MethodConfig {
             undesirable_weight: 1.0,
             simpo_gamma: 0.5,
             rpo_alpha: None,
+            ranking_loss: RankingLoss::Pairwise,
+            center_rewards_coefficient: None,
         }
     }
 }

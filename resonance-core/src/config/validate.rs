@@ -142,6 +142,14 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
                 add("method.loss_weights", "weights must be finite".into());
             }
         }
+        if let Some(c) = method.center_rewards_coefficient {
+            if !(c.is_finite() && c >= 0.0) {
+                add(
+                    "method.center_rewards_coefficient",
+                    format!("must be ≥ 0, got {c}"),
+                );
+            }
+        }
         if let Some(alpha) = method.rpo_alpha {
             if !(alpha.is_finite() && alpha >= 0.0) {
                 add("method.rpo_alpha", format!("must be ≥ 0, got {alpha}"));

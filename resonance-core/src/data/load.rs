@@ -311,6 +311,7 @@ impl Ctx<'_> {
             images: rec.images,
             messages: rec.messages,
             rejected: rec.rejected,
+            ranked_below: Vec::new(),
             label: rec.label,
             source: RecordSource::new(self.file.clone(), line),
         })

@@ -129,6 +129,8 @@ pub struct Conversation {
     /// Preference records: the rejected answer to the last user turn (the chosen one is the
     /// final assistant message).
     pub rejected: Option<String>,
+    /// Ranked lists: the answers ranked below `rejected`, best first (empty for pairs).
+    pub ranked_below: Vec<String>,
     /// Unpaired preference records (KTO): whether the final answer is desirable.
     pub label: Option<bool>,
     /// File and line the record was read from.

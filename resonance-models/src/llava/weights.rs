@@ -8,7 +8,7 @@ use burn::tensor::{DType, Device};
 use super::config::LlavaConfig;
 use super::model::Llava;
 use crate::error::Result;
-use crate::load::{load_weights, read_config, KeyMap};
+use crate::load::{has_value_head, load_weights, read_config, KeyMap, DEFAULT_INITIALIZER_RANGE};
 
 /// The key map from any known LLaVA checkpoint layout to module paths.
 pub fn llava_key_map(config: &LlavaConfig) -> KeyMap {
@@ -42,6 +42,8 @@ pub fn llava_key_map(config: &LlavaConfig) -> KeyMap {
                 "language_model.model.$1.",
             ),
             rename(r"^lm_head\.", "language_model.lm_head."),
+            // A reward model's value head.
+            rename(r"^score\.", "language_model.score."),
             // A CLIPVisionTransformer saved without its `vision_model` wrapper.
             rename(
                 r"^vision_tower\.(embeddings|encoder|pre_layrnorm|post_layernorm)\.",
@@ -59,6 +61,14 @@ pub fn load_llava(dir: &Path, device: &Device) -> Result<(Llava, LlavaConfig)> {
     let value = read_config(dir)?;
     let config = LlavaConfig::from_value(&value, &dir.join("config.json"))?;
     let mut model = Llava::new(&config, device)?;
-    load_weights(&mut model, dir, &llava_key_map(&config), DType::F32)?;
+    let mut keys = llava_key_map(&config);
+    if has_value_head(dir)? {
+        model
+            .language_model
+            .attach_value_head(DEFAULT_INITIALIZER_RANGE, device);
+        keys.allow_missing
+            .push(r"^language_model\.lm_head\.".to_string());
+    }
+    load_weights(&mut model, dir, &keys, DType::F32)?;
     Ok((model, config))
 }

@@ -68,11 +68,15 @@ pub struct DecoderModel {
     pub norm: RmsNorm,
 }
 
-/// A decoder with its language-model head (`lm_head`, absent when tied to the embeddings).
+/// A decoder with its language-model head (`lm_head`, absent when tied to the embeddings) and,
+/// for a reward model, a scalar value head (`score`, as transformers'
+/// `*ForSequenceClassification` with one label).
 #[derive(Module, Debug)]
 pub struct CausalLm {
     pub model: DecoderModel,
     pub lm_head: Option<Linear>,
+    /// `hidden → 1`, no bias; present on reward models only.
+    pub score: Option<Linear>,
     #[module(skip)]
     pub rope: RopeScaling,
 }
@@ -189,8 +193,33 @@ impl CausalLm {
             },
             lm_head: (!config.tie_word_embeddings)
                 .then(|| linear(config.hidden_size, config.vocab_size, false, device)),
+            score: None,
             rope: config.rope.clone(),
         }
+    }
+
+    /// Gives the model a fresh value head, `N(0, std²)` as transformers initialises a new
+    /// `score` layer (`std` = the config's `initializer_range`).
+    pub fn attach_value_head(&mut self, std: f64, device: &Device) {
+        let hidden = self.model.norm.gamma.dims()[0];
+        let weight = Tensor::<2>::random(
+            [hidden, 1],
+            burn::tensor::Distribution::Normal(0.0, std),
+            device,
+        );
+        self.score = Some(Linear {
+            weight: burn::module::Param::from_tensor(weight),
+            bias: None,
+            lora: None,
+        });
+    }
+
+    /// Per-token values `[b, t]` of final hidden states, or `None` without a value head.
+    pub fn values(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
+        let [b, t, _] = hidden.dims();
+        self.score
+            .as_ref()
+            .map(|head| head.forward(hidden).reshape([b, t]))
     }
 
     /// Embeds token ids `[b, t]` → `[b, t, hidden]`.

@@ -7,7 +7,7 @@ use burn::tensor::{DType, Device};
 use super::config::TextConfig;
 use super::model::CausalLm;
 use crate::error::Result;
-use crate::load::{load_weights, read_config, KeyMap};
+use crate::load::{has_value_head, load_weights, read_config, KeyMap, DEFAULT_INITIALIZER_RANGE};
 
 /// Key map of `*ForCausalLM` checkpoints; they already use the module's names.
 pub fn causal_lm_key_map(config: &TextConfig) -> KeyMap {
@@ -27,6 +27,12 @@ pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(CausalLm, TextConf
     let value = read_config(dir)?;
     let config = TextConfig::from_value(&value, &dir.join("config.json"))?;
     let mut model = CausalLm::new(&config, device);
-    load_weights(&mut model, dir, &causal_lm_key_map(&config), DType::F32)?;
+    let mut keys = causal_lm_key_map(&config);
+    if has_value_head(dir)? {
+        // A reward model (`*ForSequenceClassification`): transformers saves no `lm_head`.
+        model.attach_value_head(DEFAULT_INITIALIZER_RANGE, device);
+        keys.allow_missing.push(r"^lm_head\.".to_string());
+    }
+    load_weights(&mut model, dir, &keys, DType::F32)?;
     Ok((model, config))
 }
