@@ -18,7 +18,7 @@ use crate::error::{Result, TrainError};
 pub use crate::logprobs::sequence_logps;
 use crate::losses::{
     dpo_loss, kto_kl_estimate, kto_loss, orpo_odds_ratio_loss, simpo_loss, DpoLossConfig,
-    DpoLossOutput, KtoConfig, KtoLossType, SimpoConfig,
+    DpoLossOutput, DpoLossType, KtoConfig, KtoLossType, SimpoConfig,
 };
 use crate::sft::Refusal;
 
@@ -294,33 +294,48 @@ pub fn loss_configs(method: &MethodConfig) -> Vec<(f64, DpoLossConfig)> {
 
 /// The DPO loss of a batch of `n` pairs from the policy's and the reference's row log-probs
 /// (`[2n]`, chosen rows first), and TRL's metrics of it.
+///
+/// `ddpo`: the policy's and the reference's DDPO-weighted row log-probs (`[2n]`, see
+/// [`PairBatch::ddpo_weights`]), required when a loss type is `ddpo`, which uses them instead of
+/// the plain sums; the other types of a list keep the plain ones.
 pub fn pair_loss(
     policy: Tensor<1>,
     reference: Tensor<1>,
+    ddpo: Option<(Tensor<1>, Tensor<1>)>,
     lengths: &[f32],
     configs: &[(f64, DpoLossConfig)],
 ) -> Result<(DpoLossOutput, Vec<(&'static str, f64)>)> {
     let [rows] = policy.dims();
     let n = rows / 2;
     let device = policy.device();
-    let pc = policy.clone().narrow(0, 0, n);
-    let pr = policy.clone().narrow(0, n, n);
-    let rc = reference.clone().narrow(0, 0, n);
-    let rr = reference.narrow(0, n, n);
+    // (policy chosen, policy rejected, reference chosen, reference rejected)
+    let split = |p: Tensor<1>, r: Tensor<1>| {
+        (
+            p.clone().narrow(0, 0, n),
+            p.narrow(0, n, n),
+            r.clone().narrow(0, 0, n),
+            r.narrow(0, n, n),
+        )
+    };
+    let plain = split(policy, reference);
+    let dense = ddpo.map(|(p, r)| split(p, r));
     let lengths = Tensor::<1>::from_data(TensorData::new(lengths.to_vec(), [rows]), &device);
     let lengths = Some((lengths.clone().narrow(0, 0, n), lengths.narrow(0, n, n)));
-    // Several loss types (MPO) add up with their weights; the rewards are the same for all.
+    // Several loss types (MPO) add up with their weights; the rewards and logps logged are those
+    // of the first type (for `ddpo` the weighted ones, which is what VL-RLHF logs).
     let mut out: Option<DpoLossOutput> = None;
+    let mut logged: Option<(Tensor<1>, Tensor<1>)> = None;
     for (weight, config) in configs {
-        let part = dpo_loss(
-            pc.clone(),
-            pr.clone(),
-            rc.clone(),
-            rr.clone(),
-            lengths.clone(),
-            config,
-        )
-        .map_err(|e| TrainError::Input(e.to_string()))?;
+        let (pc, pr, rc, rr) = if config.loss_type == DpoLossType::Ddpo {
+            dense.clone().ok_or_else(|| {
+                TrainError::Input("loss type `ddpo` needs the DDPO-weighted log-probs".into())
+            })?
+        } else {
+            plain.clone()
+        };
+        logged.get_or_insert_with(|| (pc.clone(), pr.clone()));
+        let part = dpo_loss(pc, pr, rc, rr, lengths.clone(), config)
+            .map_err(|e| TrainError::Input(e.to_string()))?;
         let weighted = part.losses.mul_scalar(*weight);
         out = Some(match out {
             Some(mut acc) => {
@@ -333,7 +348,9 @@ pub fn pair_loss(
             },
         });
     }
-    let out = out.ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
+    let (out, (pc, pr)) = out
+        .zip(logged)
+        .ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
     let metrics = reward_metrics(&out, pc, pr);
     Ok((out, metrics))
 }
