@@ -18,7 +18,7 @@ use crate::error::{Result, TrainError};
 pub use crate::logprobs::sequence_logps;
 use crate::losses::{
     dpo_loss, kto_kl_estimate, kto_loss, orpo_odds_ratio_loss, simpo_loss, DpoLossConfig,
-    DpoLossOutput, KtoConfig, KtoLossType, SimpoConfig,
+    DpoLossOutput, DpoLossType, KtoConfig, KtoLossType, SimpoConfig,
 };
 use crate::sft::Refusal;
 
@@ -168,6 +168,103 @@ impl PairBatch {
     pub fn num_tokens(&self) -> usize {
         self.attention_mask.iter().flatten().filter(|&&m| m).count()
     }
+
+    /// DDPO's per-token weights of every row (chosen rows first, in the order of `targets`), from
+    /// the diff of each pair's label rows at this batch's width (see [`ddpo_token_weights`]).
+    /// Computed on the host, once per batch: the device only multiplies.
+    pub fn ddpo_weights(&self) -> Vec<Vec<f32>> {
+        let width = self.input_ids.first().map_or(0, Vec::len);
+        let (chosen, rejected): (Vec<_>, Vec<_>) = (0..self.pairs)
+            .map(|i| ddpo_token_weights(&self.targets[i], &self.targets[self.pairs + i], width))
+            .unzip();
+        chosen.into_iter().chain(rejected).collect()
+    }
+}
+
+/// VL-RLHF's minimum size of a matching block that counts as shared (`trainer.py` l.176).
+pub const DDPO_MIN_MATCH_SIZE: usize = 3;
+
+/// The indices of `a` and of `b` that lie in modified spans, as VL-RLHF's `get_diff_ids`
+/// (`src/vlrlhf/utils/diff_lib.py` l.116-180): difflib's matching blocks of
+/// `SequenceMatcher(None, a, b)` (autojunk on), blocks shorter than `min_match_size` dropped
+/// (l.121; the sentinel kept); the gaps before the kept blocks are the candidate spans (l.73-83),
+/// and a gap is modified only when it is non-empty on **both** sides (l.152): a pure insertion or
+/// deletion is not.
+pub fn ddpo_modified_ids(a: &[u32], b: &[u32], min_match_size: usize) -> (Vec<usize>, Vec<usize>) {
+    let blocks = crate::difflib::SequenceMatcher::new(a, b).get_matching_blocks();
+    let (last, inner) = blocks
+        .split_last()
+        .expect("get_matching_blocks always ends with the sentinel");
+    let mut out = (Vec::new(), Vec::new());
+    let (mut ia, mut ib) = (0, 0);
+    for m in inner
+        .iter()
+        .filter(|m| m.size >= min_match_size)
+        .chain(std::iter::once(last))
+    {
+        if m.a > ia && m.b > ib {
+            out.0.extend(ia..m.a);
+            out.1.extend(ib..m.b);
+        }
+        (ia, ib) = (m.a + m.size, m.b + m.size);
+    }
+    out
+}
+
+/// DDPO's token weights of one pair, as VL-RLHF (TideDra/VL-RLHF @ e9737dc) computes them for
+/// `loss_type="ddpo"`: 1 for an answer token in a modified span of the chosen/rejected diff, 0 for
+/// every other token. Returned per answer token, in the order of `chosen` / `rejected`
+/// (`(position, token)` targets of rows padded to `width` tokens).
+///
+/// `src/vlrlhf/base/trainer.py`, `VLDPOTrainer.get_batch_logps` (l.148-188, used when
+/// `loss_type == "ddpo"`, l.233):
+/// * l.160-166: the rows handed to the diff are the whole **shifted label rows of the padded
+///   batch** (`width − 1` items: the label of position t is token t + 1), with the ignored
+///   positions — prompt, image tokens and batch padding — set to token 0. The shared prompt zeros
+///   and the padding zeros therefore take part in the matching: they can extend a short common
+///   answer ending to the minimum block size, and a real token 0 can match them. Note the
+///   consequence that the weights depend on the batch's width (its padding), exactly as there.
+/// * l.176-182: `get_diff_ids(chosen_row, rejected_row, min_match_size=3)`
+///   ([`ddpo_modified_ids`]) marks the modified indices;
+/// * l.184: `loss_mask &= modified`: a token has weight 1 iff it is an answer token and modified.
+///   Unchanged tokens get weight 0 (VL-RLHF does not use the RLHF-V paper's γ-weighting of changed
+///   against unchanged tokens, nor its length normalisation);
+/// * l.188: the sequence log-prob is the plain weighted sum (`average_log_prob=False`, l.230).
+///
+/// `fixtures/ddpo/generate.py` recomputes these weights from Python's difflib (and checks its own
+/// code against VL-RLHF's `get_diff_ids`); the `ddpo_weights_match_vl_rlhf` test compares.
+pub fn ddpo_token_weights(
+    chosen: &[(usize, u32)],
+    rejected: &[(usize, u32)],
+    width: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    // A label row is `width − 1` long; a target beyond it cannot come from `collate`, but
+    // lengthen the rows rather than index out of bounds.
+    let len = chosen
+        .iter()
+        .chain(rejected)
+        .map(|&(pos, _)| pos + 1)
+        .fold(width.saturating_sub(1), usize::max);
+    let row = |targets: &[(usize, u32)]| {
+        let mut row = vec![0u32; len];
+        for &(pos, token) in targets {
+            row[pos] = token;
+        }
+        row
+    };
+    let (a, b) = (row(chosen), row(rejected));
+    let (mod_a, mod_b) = ddpo_modified_ids(&a, &b, DDPO_MIN_MATCH_SIZE);
+    let weights = |targets: &[(usize, u32)], modified: Vec<usize>| {
+        let mut mask = vec![false; len];
+        for i in modified {
+            mask[i] = true;
+        }
+        targets
+            .iter()
+            .map(|&(pos, _)| if mask[pos] { 1.0 } else { 0.0 })
+            .collect()
+    };
+    (weights(chosen, mod_a), weights(rejected, mod_b))
 }
 
 /// The weighted loss configurations of a `[method]` section (one per `loss_type`).
@@ -197,33 +294,48 @@ pub fn loss_configs(method: &MethodConfig) -> Vec<(f64, DpoLossConfig)> {
 
 /// The DPO loss of a batch of `n` pairs from the policy's and the reference's row log-probs
 /// (`[2n]`, chosen rows first), and TRL's metrics of it.
+///
+/// `ddpo`: the policy's and the reference's DDPO-weighted row log-probs (`[2n]`, see
+/// [`PairBatch::ddpo_weights`]), required when a loss type is `ddpo`, which uses them instead of
+/// the plain sums; the other types of a list keep the plain ones.
 pub fn pair_loss(
     policy: Tensor<1>,
     reference: Tensor<1>,
+    ddpo: Option<(Tensor<1>, Tensor<1>)>,
     lengths: &[f32],
     configs: &[(f64, DpoLossConfig)],
 ) -> Result<(DpoLossOutput, Vec<(&'static str, f64)>)> {
     let [rows] = policy.dims();
     let n = rows / 2;
     let device = policy.device();
-    let pc = policy.clone().narrow(0, 0, n);
-    let pr = policy.clone().narrow(0, n, n);
-    let rc = reference.clone().narrow(0, 0, n);
-    let rr = reference.narrow(0, n, n);
+    // (policy chosen, policy rejected, reference chosen, reference rejected)
+    let split = |p: Tensor<1>, r: Tensor<1>| {
+        (
+            p.clone().narrow(0, 0, n),
+            p.narrow(0, n, n),
+            r.clone().narrow(0, 0, n),
+            r.narrow(0, n, n),
+        )
+    };
+    let plain = split(policy, reference);
+    let dense = ddpo.map(|(p, r)| split(p, r));
     let lengths = Tensor::<1>::from_data(TensorData::new(lengths.to_vec(), [rows]), &device);
     let lengths = Some((lengths.clone().narrow(0, 0, n), lengths.narrow(0, n, n)));
-    // Several loss types (MPO) add up with their weights; the rewards are the same for all.
+    // Several loss types (MPO) add up with their weights; the rewards and logps logged are those
+    // of the first type (for `ddpo` the weighted ones, which is what VL-RLHF logs).
     let mut out: Option<DpoLossOutput> = None;
+    let mut logged: Option<(Tensor<1>, Tensor<1>)> = None;
     for (weight, config) in configs {
-        let part = dpo_loss(
-            pc.clone(),
-            pr.clone(),
-            rc.clone(),
-            rr.clone(),
-            lengths.clone(),
-            config,
-        )
-        .map_err(|e| TrainError::Input(e.to_string()))?;
+        let (pc, pr, rc, rr) = if config.loss_type == DpoLossType::Ddpo {
+            dense.clone().ok_or_else(|| {
+                TrainError::Input("loss type `ddpo` needs the DDPO-weighted log-probs".into())
+            })?
+        } else {
+            plain.clone()
+        };
+        logged.get_or_insert_with(|| (pc.clone(), pr.clone()));
+        let part = dpo_loss(pc, pr, rc, rr, lengths.clone(), config)
+            .map_err(|e| TrainError::Input(e.to_string()))?;
         let weighted = part.losses.mul_scalar(*weight);
         out = Some(match out {
             Some(mut acc) => {
@@ -236,7 +348,9 @@ pub fn pair_loss(
             },
         });
     }
-    let out = out.ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
+    let (out, (pc, pr)) = out
+        .zip(logged)
+        .ok_or_else(|| TrainError::Input("method.loss_type is empty".into()))?;
     let metrics = reward_metrics(&out, pc, pr);
     Ok((out, metrics))
 }
@@ -419,5 +533,99 @@ mod tests {
         assert_eq!(batch.targets[1], vec![(2, 8), (3, 9), (4, 2)]);
         assert_eq!(batch.lengths(), vec![2.0, 3.0]);
         assert_eq!(batch.images.len(), 1);
+    }
+
+    #[test]
+    fn ddpo_weights_mark_the_replaced_word_only() {
+        let source = RecordSource::new(PathBuf::from("p.jsonl"), 1);
+        let pair = |chosen: Vec<u32>, rejected: Vec<u32>| PairExample {
+            prompt: vec![1, 5, 6, 7],
+            chosen,
+            rejected,
+            images: Vec::new(),
+            label: None,
+            source: source.clone(),
+        };
+        // "the cat sat on the mat </s>" vs "the dog sat on the mat </s>": one replaced word.
+        let batch = PairBatch::collate(
+            &[pair(
+                vec![40, 41, 42, 43, 40, 44, 2],
+                vec![40, 50, 42, 43, 40, 44, 2],
+            )],
+            0,
+        );
+        assert_eq!(
+            batch.ddpo_weights(),
+            vec![
+                vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            ]
+        );
+        // A common ending of two tokens is below the minimum block size: without padding after
+        // it, it belongs to the modified span; in a wider batch the padding zeros extend it.
+        let short = pair(vec![11, 12, 13, 2], vec![11, 20, 13, 2]);
+        let alone = PairBatch::collate(std::slice::from_ref(&short), 0);
+        assert_eq!(alone.ddpo_weights()[0], vec![0.0, 1.0, 1.0, 1.0]);
+        let long = pair(
+            vec![11, 12, 13, 14, 15, 16, 2],
+            vec![11, 12, 13, 14, 15, 16, 2],
+        );
+        let padded = PairBatch::collate(&[short, long], 0);
+        let w = padded.ddpo_weights();
+        assert_eq!(w[0], vec![0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(w[2], vec![0.0, 1.0, 0.0, 0.0]);
+        // Identical answers: nothing to learn from.
+        assert!(w[1].iter().chain(&w[3]).all(|&x| x == 0.0));
+        // A pure insertion is not a modification.
+        assert_eq!(
+            ddpo_modified_ids(&[1, 2, 3, 4, 5, 6], &[1, 2, 3, 9, 9, 4, 5, 6], 3),
+            (vec![], vec![])
+        );
+    }
+
+    #[test]
+    fn ddpo_weights_match_vl_rlhf() {
+        let e = crate::difflib::tests::fixture();
+        let ids = |v: &Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let floats = |v: &Value| -> Vec<f32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        for case in e["difflib"].as_array().unwrap() {
+            let (a, b) = (ids(&case["a"]), ids(&case["b"]));
+            let (ma, mb) = ddpo_modified_ids(&a, &b, DDPO_MIN_MATCH_SIZE);
+            let as_u32 = |v: Vec<usize>| v.into_iter().map(|i| i as u32).collect::<Vec<_>>();
+            assert_eq!(as_u32(ma), ids(&case["modified_a"]), "{a:?} / {b:?}");
+            assert_eq!(as_u32(mb), ids(&case["modified_b"]), "{a:?} / {b:?}");
+        }
+        let cases = e["weights"].as_array().unwrap();
+        for case in cases {
+            let prompt = case["prompt_len"].as_u64().unwrap() as usize;
+            let width = case["width"].as_u64().unwrap() as usize;
+            let targets = |answer: Vec<u32>| -> Vec<(usize, u32)> {
+                answer
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, t)| (prompt - 1 + k, t))
+                    .collect()
+            };
+            let (wc, wr) = ddpo_token_weights(
+                &targets(ids(&case["chosen"])),
+                &targets(ids(&case["rejected"])),
+                width,
+            );
+            assert_eq!(wc, floats(&case["chosen_weights"]), "{case}");
+            assert_eq!(wr, floats(&case["rejected_weights"]), "{case}");
+        }
+        assert!(cases.len() >= 40);
     }
 }

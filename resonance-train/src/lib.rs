@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data_check;
+pub mod difflib;
 pub mod dpo;
 pub mod error;
 pub mod logprobs;

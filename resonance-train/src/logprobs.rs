@@ -40,20 +40,46 @@ pub fn token_logprobs(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Vec<V
 
 /// The summed log-probability of each row's targets, `[rows]`.
 pub fn sequence_logps(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Tensor<1> {
+    weighted_sequence_logps(logits, targets, &[None])
+        .pop()
+        .expect("one weighting in, one sum out")
+}
+
+/// Weighted sums of each row's target log-probs, `[rows]` per weighting: `None` weighs every
+/// target 1 (= [`sequence_logps`]), `Some(w)` weighs target `k` of row `r` by `w[r][k]` (a missing
+/// weight counts 0). The log-softmax and gather run once for all weightings, so DDPO's weighted
+/// and the plain sums of one forward pass share them.
+pub fn weighted_sequence_logps(
+    logits: Tensor<3>,
+    targets: &[Vec<(usize, u32)>],
+    weightings: &[Option<&[Vec<f32>]>],
+) -> Vec<Tensor<1>> {
     let [b, t, _] = logits.dims();
     let device = logits.device();
     let mut index = vec![0i64; b * t];
-    let mut weight = vec![0f32; b * t];
     for (row, pairs) in targets.iter().enumerate() {
         for &(pos, token) in pairs {
             index[row * t + pos] = token as i64;
-            weight[row * t + pos] = 1.0;
         }
     }
     let index = Tensor::<3, Int>::from_data(TensorData::new(index, [b, t, 1]), &device);
-    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
     let picked = log_softmax(logits, 2).gather(2, index).reshape([b, t]);
-    (picked * weight).sum_dim(1).reshape([b])
+    weightings
+        .iter()
+        .map(|weighting| {
+            let mut weight = vec![0f32; b * t];
+            for (row, pairs) in targets.iter().enumerate() {
+                for (k, &(pos, _)) in pairs.iter().enumerate() {
+                    weight[row * t + pos] = match weighting {
+                        None => 1.0,
+                        Some(w) => w.get(row).and_then(|r| r.get(k)).copied().unwrap_or(0.0),
+                    };
+                }
+            }
+            let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, t]), &device);
+            crate::losses::weighted_token_sum(picked.clone(), weight)
+        })
+        .collect()
 }
 
 #[cfg(test)]

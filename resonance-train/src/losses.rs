@@ -80,7 +80,9 @@ impl DpoLossConfig {
         match self.loss_type {
             DpoLossType::Robust if !(0.0..0.5).contains(&eps) => Err(bad("[0, 0.5)")),
             DpoLossType::ExoPair if !(eps > 0.0 && eps < 1.0) => Err(bad("(0, 1)")),
-            DpoLossType::Sigmoid if !(0.0..=0.5).contains(&eps) => Err(bad("[0, 0.5]")),
+            DpoLossType::Sigmoid | DpoLossType::Ddpo if !(0.0..=0.5).contains(&eps) => {
+                Err(bad("[0, 0.5]"))
+            }
             DpoLossType::Discopop
                 if !(self.discopop_tau.is_finite() && self.discopop_tau > 0.0) =>
             {
@@ -141,10 +143,17 @@ fn smoothed_neg_log_sigmoid(x: Tensor<1>, eps: f64) -> Tensor<1> {
 /// | `apo_down` | `σ(βlc) + 1 − σ(β(lc − lr))` |
 /// | `discopop` | `(1−m)(−logσ(βΔ)) + m·exp(−βΔ)`, `m = σ(βΔ/τ)` |
 /// | `sigmoid_norm` | `−logσ(β(lc/Lc − lr/Lr))` |
+/// | `ddpo` | as `sigmoid` (cDPO with ε), on DDPO-weighted log-probs (see below) |
 ///
 /// Rewards are `β·lc` and `β·lr` (detached) for every type, as TRL logs them.
 ///
 /// `lengths` = (chosen, rejected) completion token counts, needed by `ipo` and `sigmoid_norm`.
+/// `ddpo` is VL-RLHF's dense DPO (`src/vlrlhf/base/trainer.py` `VLDPOTrainer.dpo_loss` l.261-265:
+/// the sigmoid branch with cDPO smoothing; rewards l.288-299): the formula is `sigmoid`'s, the
+/// difference lies in the inputs, which the caller must compute with `dpo::ddpo_token_weights`
+/// and [`weighted_token_sum`] (only the tokens of the modified spans count) for policy and
+/// reference alike. Its rewards are then `β·lc`, `β·lr` of those weighted log-probs, as VL-RLHF's.
+///
 /// Note: TRL 1.16 ignores `label_smoothing` for `sigmoid`; here ε > 0 gives cDPO (the formula of
 /// TRL's `CPOTrainer.cpo_loss` and of older DPO trainers). With ε = 0 the two agree.
 pub fn dpo_loss(
@@ -178,7 +187,9 @@ pub fn dpo_loss(
             .sub(lr.clone().div(len_r.clamp_min(1.0)))
     };
     let losses = match kind {
-        DpoLossType::Sigmoid => smoothed_neg_log_sigmoid(delta.mul_scalar(beta), eps),
+        DpoLossType::Sigmoid | DpoLossType::Ddpo => {
+            smoothed_neg_log_sigmoid(delta.mul_scalar(beta), eps)
+        }
         DpoLossType::Robust => {
             let x = delta.mul_scalar(beta);
             log_sigmoid(x.clone())
@@ -242,6 +253,17 @@ pub fn dpo_loss(
         chosen_rewards: lc.detach().mul_scalar(beta),
         rejected_rewards: lr.detach().mul_scalar(beta),
     })
+}
+
+/// `Σ_k w[r][k]·logp[r][k]` per row: the sequence log-prob of DDPO (and, with weights 1 on the
+/// answer tokens, the plain one). `per_token_logps` and `weights` are `[rows, tokens]`.
+///
+/// VL-RLHF's `get_batch_logps` (`src/vlrlhf/base/trainer.py` l.185-188) sums the per-token
+/// log-probs under its 0/1 DDPO mask without averaging; the weights come from
+/// `dpo::ddpo_token_weights`.
+pub fn weighted_token_sum(per_token_logps: Tensor<2>, weights: Tensor<2>) -> Tensor<1> {
+    let [rows, _] = per_token_logps.dims();
+    (per_token_logps * weights).sum_dim(1).reshape([rows])
 }
 
 /// Length-averaged log-probs: `sum / max(length, 1)` (TRL's `average_log_prob=True`).

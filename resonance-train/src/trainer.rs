@@ -756,6 +756,10 @@ fn dpo_step<M: TrainableModel>(
     let config = context.config;
     let device = context.device;
     let loss_configs = crate::dpo::loss_configs(&config.method);
+    let ddpo = config.method.name == Method::Dpo
+        && loss_configs
+            .iter()
+            .any(|(_, c)| c.loss_type == crate::losses::DpoLossType::Ddpo);
     let accumulation = config.train.grad_accumulation;
     let total_pairs = (config.train.batch_size * accumulation) as f64;
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
@@ -788,27 +792,48 @@ fn dpo_step<M: TrainableModel>(
         };
         let pixels = context.processor.pixel_values(&batch.images, device)?;
         let policy_logits = model.forward_pairs(inputs(pixels), device)?;
-        let policy = crate::dpo::sequence_logps(policy_logits, &batch.targets);
+        // DDPO: the token weights come from the host-side diff of each pair; the same forward
+        // pass gives the plain and the weighted sums (other loss types of a list use the plain).
+        let ddpo_weights = ddpo.then(|| batch.ddpo_weights());
+        let weightings: Vec<Option<&[Vec<f32>]>> = std::iter::once(None)
+            .chain(ddpo_weights.as_deref().map(Some))
+            .collect();
+        let mut policy_sums =
+            crate::logprobs::weighted_sequence_logps(policy_logits, &batch.targets, &weightings)
+                .into_iter();
+        let policy = policy_sums.next().expect("the plain sums come first");
+        let policy_dense = policy_sums.next();
         let rows = batch.input_ids.len();
         let lengths = batch.lengths();
         let needs_reference = matches!(config.method.name, Method::Dpo | Method::Kto);
         let (loss, metrics) = if needs_reference {
-            let reference_logps = {
+            let (reference_logps, reference_dense) = {
                 let plain = device.clone().inner();
-                let reference_of = |m: &M| -> Result<Tensor<1>> {
+                let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
                     let pixels = context.processor.pixel_values(&batch.images, &plain)?;
                     let logits = m.forward_pairs(inputs(pixels), &plain)?;
-                    Ok(crate::dpo::sequence_logps(logits, &batch.targets))
+                    Ok(crate::logprobs::weighted_sequence_logps(
+                        logits,
+                        &batch.targets,
+                        &weightings,
+                    ))
                 };
                 let values = match reference {
-                    Reference::None => Tensor::<1>::zeros([rows], &plain),
+                    Reference::None => weightings
+                        .iter()
+                        .map(|_| Tensor::<1>::zeros([rows], &plain))
+                        .collect(),
                     Reference::AdaptersOff => {
                         let _off = AdaptersDisabled::new();
                         reference_of(&model.valid())?
                     }
                     Reference::Copy(copy) => reference_of(copy)?,
                 };
-                Tensor::<1>::from_data(values.into_data(), device)
+                let mut values = values
+                    .into_iter()
+                    .map(|v| Tensor::<1>::from_data(v.into_data(), device));
+                let reference_logps = values.next().expect("the plain sums come first");
+                (reference_logps, values.next())
             };
             let chosen_nll = crate::dpo::chosen_nll(
                 policy.clone().narrow(0, 0, batch.pairs),
@@ -824,8 +849,13 @@ fn dpo_step<M: TrainableModel>(
                 )?;
                 (loss, metrics)
             } else {
-                let (out, mut metrics) =
-                    crate::dpo::pair_loss(policy, reference_logps, &lengths, &loss_configs)?;
+                let (out, mut metrics) = crate::dpo::pair_loss(
+                    policy,
+                    reference_logps,
+                    policy_dense.zip(reference_dense),
+                    &lengths,
+                    &loss_configs,
+                )?;
                 let mut loss = out.losses.sum().div_scalar(total_pairs);
                 if let Some(alpha) = config.method.rpo_alpha {
                     // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.

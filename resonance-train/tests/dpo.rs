@@ -207,6 +207,52 @@ fn weighted_loss_types_add_up() {
         .contains("loss_weights"));
 }
 
+#[test]
+fn ddpo_starts_at_ln2_and_learns_with_a_lora_reference() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    let lora = "freeze_projector = true\n[lora]\nenabled = true\ndropout = 0.0";
+    let out = dir.path().join("ddpo");
+    let mut cfg = config(&data, &out, &format!("max_steps = 150\n{lora}"));
+    cfg.apply_override(r#"method.loss_type="ddpo""#).unwrap();
+    cfg.validate().unwrap();
+    run(&cfg);
+    let m = metrics(&out);
+    // Step 1: the reference is the policy with its adapters off, so the weighted log-ratios are
+    // 0 and the loss is −logσ(0) = ln 2, with zero rewards.
+    let first = &m[0];
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{first}"
+    );
+    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
+        assert!(first[key].as_f64().unwrap().abs() < 1e-5, "{key}: {first}");
+    }
+    let mean = |rows: &[serde_json::Value], key: &str| {
+        rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    // Single steps are noisy (batches of 4, a few weighted tokens each): compare 20-step means.
+    let (early, late) = (mean(&m[..20], "loss"), mean(&m[m.len() - 20..], "loss"));
+    assert!(
+        late < early - 0.1,
+        "the DDPO loss did not fall: {early} -> {late}"
+    );
+    assert!(mean(&m[m.len() - 20..], "rewards/margins") > 0.0);
+
+    // In a list, the other types keep the plain log-probs: at the start both terms are ln 2.
+    let out = dir.path().join("mixed");
+    let mut cfg = config(&data, &out, &format!("max_steps = 1\n{lora}"));
+    cfg.apply_override(r#"method.loss_type=["sigmoid", "ddpo"]"#)
+        .unwrap();
+    cfg.apply_override("method.loss_weights=[1.0, 0.5]")
+        .unwrap();
+    cfg.validate().unwrap();
+    run(&cfg);
+    let loss = metrics(&out)[0]["loss"].as_f64().unwrap();
+    assert!((loss - 1.5 * std::f64::consts::LN_2).abs() < 1e-5, "{loss}");
+}
+
 /// `log σ(x)`, stable.
 fn log_sigmoid(x: f64) -> f64 {
     -((-x).exp().ln_1p())

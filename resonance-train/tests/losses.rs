@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use resonance_train::dpo::ddpo_token_weights;
 use resonance_train::losses::{
     bradley_terry_loss, dpo_loss, kto_kl_estimate, kto_loss, length_average, orpo_odds_ratio_loss,
-    simpo_loss, DpoLossConfig, DpoLossType, KtoConfig, KtoLossType, LossConfigError, SimpoConfig,
+    simpo_loss, weighted_token_sum, DpoLossConfig, DpoLossType, KtoConfig, KtoLossType,
+    LossConfigError, SimpoConfig,
 };
 use serde_json::Value;
 
@@ -119,13 +121,103 @@ fn check_dpo_cases(cases: &Value, tag: &str) -> usize {
     n
 }
 
+/// DDPO (VL-RLHF's `ddpo`) on fixed per-token log-probs: the weights from the difflib port, the
+/// weighted sums and the sigmoid/cDPO loss against fixtures/ddpo/expected.json
+/// (fixtures/ddpo/generate.py, float64).
+#[test]
+fn ddpo_matches_vl_rlhf() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/ddpo/expected.json");
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).unwrap();
+    let device = Device::flex();
+    let pairs = e["loss"]["pairs"].as_array().expect("pairs");
+    let n = pairs.len();
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    // Rows: the chosen answers of the pairs, then the rejected ones (as PairBatch).
+    let mut weights = vec![Vec::new(); 2 * n];
+    let mut policy = vec![Vec::new(); 2 * n];
+    let mut reference = vec![Vec::new(); 2 * n];
+    for (i, p) in pairs.iter().enumerate() {
+        let prompt = p["prompt_len"].as_u64().unwrap() as usize;
+        let targets = |key: &str| -> Vec<(usize, u32)> {
+            ids(&p[key])
+                .into_iter()
+                .enumerate()
+                .map(|(k, t)| (prompt - 1 + k, t))
+                .collect()
+        };
+        let width = p["width"].as_u64().unwrap() as usize;
+        let (wc, wr) = ddpo_token_weights(&targets("chosen"), &targets("rejected"), width);
+        weights[i] = wc;
+        weights[n + i] = wr;
+        policy[i] = floats(&p["policy_chosen"]);
+        policy[n + i] = floats(&p["policy_rejected"]);
+        reference[i] = floats(&p["ref_chosen"]);
+        reference[n + i] = floats(&p["ref_rejected"]);
+    }
+    let width = policy.iter().map(Vec::len).max().unwrap();
+    let matrix = |rows: Vec<Vec<f64>>| {
+        let data: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| (0..width).map(move |k| r.get(k).copied().unwrap_or(0.0) as f32))
+            .collect();
+        Tensor::<2>::from_data(TensorData::new(data, [2 * n, width]), &device)
+    };
+    let w = weights
+        .iter()
+        .map(|r| r.iter().map(|&x| x as f64).collect())
+        .collect::<Vec<_>>();
+    let w = matrix(w);
+    let p = weighted_token_sum(matrix(policy), w.clone());
+    let r = weighted_token_sum(matrix(reference), w);
+    let cases = e["loss"]["cases"].as_array().expect("cases");
+    for case in cases {
+        let config = DpoLossConfig {
+            loss_type: DpoLossType::Ddpo,
+            beta: case["beta"].as_f64().unwrap(),
+            label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let out = dpo_loss(
+            p.clone().narrow(0, 0, n),
+            p.clone().narrow(0, n, n),
+            r.clone().narrow(0, 0, n),
+            r.clone().narrow(0, n, n),
+            None,
+            &config,
+        )
+        .expect("valid config");
+        let mean = scalar(out.losses.clone().mean());
+        let worst = max_err(out.losses, &case["losses"])
+            .max((mean - case["loss"].as_f64().unwrap()).abs())
+            .max(max_err(out.chosen_rewards, &case["chosen_rewards"]))
+            .max(max_err(out.rejected_rewards, &case["rejected_rewards"]));
+        println!(
+            "ddpo beta={} eps={} max|Δ| {worst:.2e}",
+            config.beta, config.label_smoothing
+        );
+        assert!(worst <= TOL, "ddpo {config:?}: max |Δ| {worst:e}");
+    }
+    assert_eq!(cases.len(), 4);
+}
+
 #[test]
 fn dpo_matches_trl() {
     let e = expected();
     let n = check_dpo_cases(&e["dpo"], "dpo");
     assert_eq!(n, 24);
-    // Every DpoLossType is covered by the fixture.
+    // Every DpoLossType is covered by the fixture, except VL-RLHF's `ddpo`, which TRL does not
+    // have (see `ddpo_matches_vl_rlhf`).
     for kind in DpoLossType::ALL {
+        if kind == DpoLossType::Ddpo {
+            continue;
+        }
         assert!(
             e["dpo"]
                 .as_array()

@@ -320,11 +320,15 @@ pub enum DpoLossType {
     Discopop,
     /// Sigmoid on length-averaged log-ratios: `−logσ(β(lc/|y_c| − lr/|y_r|))`.
     SigmoidNorm,
+    /// Dense DPO as VL-RLHF's `ddpo` (not a TRL type): `sigmoid` (cDPO with `label_smoothing`)
+    /// on log-probs summed over the tokens of the spans where the chosen and rejected answers
+    /// differ (difflib diff of the two label rows), for policy and reference alike.
+    Ddpo,
 }
 
 impl DpoLossType {
     /// Every variant, in declaration order.
-    pub const ALL: [DpoLossType; 12] = [
+    pub const ALL: [DpoLossType; 13] = [
         Self::Sigmoid,
         Self::Robust,
         Self::Hinge,
@@ -337,9 +341,10 @@ impl DpoLossType {
         Self::ApoDown,
         Self::Discopop,
         Self::SigmoidNorm,
+        Self::Ddpo,
     ];
 
-    /// TRL's name of the loss type (equal to the serde name).
+    /// TRL's name of the loss type (equal to the serde name; `ddpo` is VL-RLHF's name).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sigmoid => "sigmoid",
@@ -354,6 +359,7 @@ impl DpoLossType {
             Self::ApoDown => "apo_down",
             Self::Discopop => "discopop",
             Self::SigmoidNorm => "sigmoid_norm",
+            Self::Ddpo => "ddpo",
         }
     }
 
@@ -410,8 +416,8 @@ pub struct MethodConfig {
     pub beta: f64,
     /// DPO: the loss variant, TRL's `loss_type` names (`sigmoid`, `robust`, `hinge`, `ipo`,
     /// `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop`,
-    /// `sigmoid_norm`), or a list of them whose losses are added (MPO style, weighted by
-    /// `loss_weights`). Default `"sigmoid"`.
+    /// `sigmoid_norm`) or VL-RLHF's `ddpo` (dense DPO), or a list of them whose losses are
+    /// added (MPO style, weighted by `loss_weights`). Default `"sigmoid"`.
     pub loss_type: DpoLossTypes,
     /// DPO: one weight per entry of a `loss_type` list. Default: 1 each.
     #[serde(skip_serializing_if = "Option::is_none")]
