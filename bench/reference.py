@@ -281,25 +281,26 @@ class Inputs:
 # Analytic FLOPs (documented in README; the counted FlopCounterMode number is the primary one)
 # ----------------------------------------------------------------------------------------------------------
 def analytic_forward_flops(cfg, n_seqs, seq_len, n_images, lm_head_positions):
-    """Matmul FLOPs of one forward: 2 * (multiply-adds) of every Linear/Conv + attention 4*T^2*d per layer
-    (QK^T and AV over the full square, as torch's counter counts SDPA). Returns a dict by component."""
+    """Matmul FLOPs of one forward, by component: 2 * multiply-adds of every Linear / Conv2d, and for attention
+    4 * T^2 * (heads * head_dim) per layer and sequence (QK^T and AV over the full T x T square, causal or not,
+    as torch's FLOP counter counts SDPA). Norms, activations, softmax, RoPE, embedding lookups: not counted."""
     v, t = cfg.vision_config, cfg.text_config
     dv, iv, lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers
     patches = (v.image_size // v.patch_size) ** 2
     tv = patches + 1  # + CLS
-    vision = n_images * (
-        2 * patches * 3 * v.patch_size**2 * dv + lv * (2 * tv * (4 * dv * dv + 2 * dv * iv) + 4 * tv * tv * dv)
-    )
+    vision = n_images * (2 * patches * 3 * v.patch_size**2 * dv + lv * 2 * tv * (4 * dv * dv + 2 * dv * iv))
+    vision_attn = n_images * lv * 4 * tv * tv * dv
     d, i, l = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     hd = getattr(t, "head_dim", None) or d // t.num_attention_heads
     q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
     projector = n_images * patches * 2 * (dv * d + d * d)
-    per_layer = 2 * seq_len * (d * q + 2 * d * kv + q * d + 3 * d * i) + 4 * seq_len * seq_len * q
-    lm = n_seqs * l * per_layer + 2 * lm_head_positions * d * t.vocab_size
-    return {"vision": vision, "projector": projector, "lm": lm}
+    lm = n_seqs * l * 2 * seq_len * (d * q + 2 * d * kv + q * d + 3 * d * i) + 2 * lm_head_positions * d * t.vocab_size
+    lm_attn = n_seqs * l * 4 * seq_len * seq_len * q
+    return {"vision": vision + vision_attn, "projector": projector, "lm": lm, "lm_attn": lm_attn}
 
 
 def lora_flops(cfg, tokens, r):
+    """Forward FLOPs of the LoRA branches (x A^T B^T) on q/k/v/o/gate/up/down of every layer."""
     t = cfg.text_config
     d, i = t.hidden_size, t.intermediate_size
     hd = getattr(t, "head_dim", None) or d // t.num_attention_heads
@@ -308,37 +309,46 @@ def lora_flops(cfg, tokens, r):
     return t.num_hidden_layers * sum(2 * tokens * r * (a + b) for a, b in shapes)
 
 
+# Backward multipliers: a Linear with trainable weights costs 2x its forward (input grad + weight grad), a frozen
+# one whose input needs a gradient 1x; attention backward costs 2.5x its forward (5 matmuls: QK^T recomputed,
+# dV, dP, dQ, dK), whatever is frozen.
+ANALYTIC_FORMULAS = {
+    "sft": "vision + 3 * (projector + lm) + 3.5 * lm_attn   [tower frozen: forward only]",
+    "dpo": "policy: vision + projector + 2 * lm + 3.5 * lm_attn + 3 * lora; reference: vision + projector + lm + lm_attn"
+    "   [over 2 * batch_pairs sequences and images]",
+    "score": "vision + projector + lm + lm_attn",
+    "generate": "prefill forward (LM head on the last position) + (new_tokens - 1) one-token forwards over the KV cache"
+    " (attention 4 * context * q_dim per layer)",
+}
+
+
 def analytic_flops(cfg, kind, w, image_tokens):
     seq = w.get("text_tokens", 0) + image_tokens
     if kind == "sft":
-        f = analytic_forward_flops(cfg, w["batch"], seq, w["batch"], w["batch"] * (seq - 1))
-        # frozen tower: forward only (its input needs no gradient); projector + LM: forward + input grad + weight grad
-        return f["vision"] + 3 * (f["projector"] + f["lm"]), "vision + 3 * (projector + lm)"
-    if kind == "dpo":
+        b = w["batch"]
+        f = analytic_forward_flops(cfg, b, seq, b, b * (seq - 1))
+        total = f["vision"] + 3 * (f["projector"] + f["lm"]) + 3.5 * f["lm_attn"]
+    elif kind == "dpo":
         n = 2 * w["batch_pairs"]
         f = analytic_forward_flops(cfg, n, seq, n, n * (seq - 1))
         lora = lora_flops(cfg, n * seq, w["lora"]["r"])
-        # policy: tower + projector forward (frozen, no grad needed below the LM), LM forward + input grad
-        # (frozen base weights), LoRA forward + input grad + weight grad; reference: one more full forward
-        policy = f["vision"] + f["projector"] + 2 * f["lm"] + 3 * lora
-        ref = f["vision"] + f["projector"] + f["lm"]
-        return policy + ref, "2 * (vision + projector) + 3 * lm + 3 * lora"
-    if kind == "score":
-        f = analytic_forward_flops(cfg, w["batch"], seq, w["batch"], w["batch"] * seq)
-        return sum(f.values()), "vision + projector + lm (forward)"
-    if kind == "generate":
-        p = 1 + image_tokens + w["prompt_text_tokens"] - 1
+        policy = f["vision"] + f["projector"] + 2 * f["lm"] + 3.5 * f["lm_attn"] + 3 * lora
+        ref = f["vision"] + f["projector"] + f["lm"] + f["lm_attn"]
+        total = policy + ref
+    elif kind == "score":
         b = w["batch"]
-        f = analytic_forward_flops(cfg, b, p, b, b)  # prefill, lm head on the last position
-        total = sum(f.values())
-        t = cfg.text_config
-        d = t.hidden_size
-        base = analytic_forward_flops(cfg, b, 1, 0, b)["lm"]  # one token, attention term with T=1 -> fix below
+        total = sum(analytic_forward_flops(cfg, b, seq, b, b * seq).values())
+    elif kind == "generate":
+        b, t = w["batch"], cfg.text_config
+        p = 1 + image_tokens + w["prompt_text_tokens"] - 1
+        total = sum(analytic_forward_flops(cfg, b, p, b, b).values())
+        q = t.num_attention_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
+        one = analytic_forward_flops(cfg, b, 1, 0, b)["lm"]
         for k in range(1, w["new_tokens"]):  # the first new token comes from the prefill
-            ctx = p + k
-            total += base - b * t.num_hidden_layers * 4 * d + b * t.num_hidden_layers * 4 * ctx * d
-        return total, "prefill forward + (new_tokens - 1) one-token decode steps over the KV cache"
-    raise ValueError(kind)
+            total += one + b * t.num_hidden_layers * 4 * (p + k) * q
+    else:
+        raise ValueError(kind)
+    return int(total), ANALYTIC_FORMULAS[kind]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,11 +538,11 @@ def run_child(args):
 
     rss_loaded = rss_now_mb()
     values = []
-    # FLOPs: one extra step under FlopCounterMode (not timed; for training workloads it is also a warm-up)
+    # FLOPs: the first warm-up step runs under FlopCounterMode (an extra untimed step if --warmup 0)
     with FlopCounterMode(display=False) as fc:
         values.append(step())
     flops = fc.get_total_flops()
-    for _ in range(args.warmup):
+    for _ in range(args.warmup - 1):
         values.append(step())
     times = []
     for _ in range(args.steps):
@@ -716,7 +726,7 @@ def main():
     for name in names:
         if name not in spec["workloads"]:
             sys.exit(f"unknown workload {name!r}; known: {', '.join(spec['workloads'])}")
-        print(f"[{name}] running ({args.warmup} warm-up + 1 FLOP-count + {args.steps} timed steps) ...", flush=True)
+        print(f"[{name}] running ({max(args.warmup, 1)} untimed (the first counts FLOPs) + {args.steps} timed steps) ...", flush=True)
         t0 = time.time()
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "r.json"
