@@ -14,10 +14,15 @@ pub mod error;
 pub mod format;
 pub mod load;
 pub mod mixture;
+pub mod parquet;
+pub mod preference;
 pub mod record;
 
 pub use error::{DataError, RecordErrorKind};
-pub use format::{parse_record, DataFormat, ParsedRecord, RecordProblem, IMAGE_PLACEHOLDER};
+pub use format::{
+    parse_record, parse_records, DataFormat, ParseOptions, ParsedRecord, RecordProblem,
+    IMAGE_PLACEHOLDER, LARGEST_GAP,
+};
 pub use load::{
     load_dataset, parse_dataset, Dataset, LoadOptions, LoadReport, OnError, SkippedRecord,
     MAX_SKIPPED_EXAMPLES,
