@@ -17,6 +17,7 @@ Files:
   conversational_preference.jsonl  TRL conversational preference records (multi-turn, system,
                                    multi-image, implicit prompt)
   conversational_preference.parquet  TRL layout with an embedded `images` list (zstd-compressed)
+  codecs/*.parquet                 a text-only record under gzip, lz4, brotli and no compression
   broken/                          files with one bad record each, for the error tests
 """
 
@@ -332,6 +333,18 @@ CONV_PQ = [
     },
 ]
 write_parquet(out("conversational_preference.parquet"), CONV_PQ, CONV_FEATURES, compression="zstd")
+
+# The text-only records once per further codec the hub's files use (snappy and zstd are above).
+TEXT_ONLY = [
+    {
+        "prompt": [{"role": "user", "content": [text("Say hello.")]}],
+        "chosen": [{"role": "assistant", "content": [text("Hello!")]}],
+        "rejected": [{"role": "assistant", "content": [text("No.")]}],
+    }
+]
+for codec in ["gzip", "lz4", "brotli", "none"]:
+    features = Features({"prompt": MSG, "chosen": MSG, "rejected": MSG})
+    write_parquet(out("codecs", f"conversational_{codec}.parquet"), TEXT_ONLY, features, compression=codec)
 
 # ---------------------------------------------------------------------------------------------
 # Broken files: one bad record each.

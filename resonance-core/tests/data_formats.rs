@@ -722,3 +722,20 @@ fn unpaired_reads_trl_conversational_form() {
         .message
         .contains("kto.jsonl:2: field `completion`: expected exactly one assistant message"));
 }
+
+#[test]
+fn parquet_codecs() {
+    for codec in ["gzip", "lz4", "brotli", "none"] {
+        let path = samples().join(format!("codecs/conversational_{codec}.parquet"));
+        let d = load_dataset(
+            &path,
+            &LoadOptions::new(DataFormat::ConversationalPreference),
+        )
+        .unwrap_or_else(|e| panic!("{codec}: {e}"));
+        assert_eq!(
+            triples(&d),
+            vec![(String::new(), "Hello!".into(), "No.".into())],
+            "{codec}"
+        );
+    }
+}
