@@ -3,11 +3,14 @@
 //! * [`record`]: the normalised [`Conversation`] every format is converted into.
 //! * [`format`]: the supported formats ([`DataFormat`]) and their conversion rules, including
 //!   where image parts are placed.
-//! * [`load`]: reading JSON arrays and JSON lines (detected by content), the bad-record policy
-//!   ([`OnError`]) and the [`LoadReport`].
+//! * [`preference`]: the published preference layouts (VLFeedback with VL-RLHF's pairing, RLHF-V)
+//!   and TRL's conversational preference / unpaired forms.
+//! * [`load`]: reading JSON arrays and JSON lines (detected by content) and Parquet files
+//!   ([`parquet`]: row by row, embedded images cached), the bad-record policy ([`OnError`]) and
+//!   the [`LoadReport`].
 //! * [`mixture`]: the deterministic, resumable [`MixtureSampler`] over several datasets.
 //!
-//! Errors ([`DataError`]) name the file, the line and the field, e.g.
+//! Errors ([`DataError`]) name the file, the line (Parquet: the 1-based row) and the field, e.g.
 //! `data/train.jsonl:14: field `conversations[3].from`: unknown role `bot` (...)`.
 
 pub mod error;

@@ -19,6 +19,8 @@
 //!   record (all of them if several pairs share it); `score_margin = m >= 0` keeps the pairs
 //!   whose gap is at least `m` (VL-RLHF compares with `>=`). Pairs are emitted grouped by gap, in
 //!   the order in which each gap value first occurs, pairs of one gap in pair order.
+//! * Responses of kept pairs may not hold `<image>` placeholders (an error naming the response);
+//!   those of other completions are not looked at.
 //! * A record without any kept pair is skipped and counted as
 //!   [`RecordErrorKind::NoPair`]; it is not an error.
 //!
@@ -85,7 +87,7 @@ pub(super) fn parse_vlfeedback(
                 format!("expected an object, found {}", json_type(c)),
             )
         })?;
-        responses.push(get_answer_at(c, "response", &format!("{field}.response"))?);
+        responses.push(get_str(c, "response", &format!("{field}.response"))?);
         scores.push(completion_score(c.get("annotations"), &field)?);
     }
 
@@ -108,6 +110,17 @@ pub(super) fn parse_vlfeedback(
         rejected: None,
         label: None,
     };
+    // Only the responses that are trained on must be free of image placeholders.
+    for &(chosen, rejected) in &pairs {
+        for i in [chosen, rejected] {
+            if responses[i].contains(IMAGE_PLACEHOLDER) {
+                return Err(RecordProblem::invalid(
+                    format!("completions[{i}].response"),
+                    format!("answers cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
+                ));
+            }
+        }
+    }
     let mut out = Vec::with_capacity(pairs.len());
     for (chosen, rejected) in pairs {
         let mut rec = template.clone();
@@ -637,6 +650,23 @@ mod tests {
         let e = parse_record(DataFormat::VlfeedbackPaired, &v, &root()).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("completions[0].response"));
         assert_eq!(e.message, "missing");
+    }
+
+    #[test]
+    fn placeholders_only_matter_in_kept_answers() {
+        // `c` is never in a kept pair (largest gap: a over b), so its `<image>` is harmless.
+        let v = json!({"prompt": "p", "completions": [
+            comp("a", ["5", "5", "5"]), comp("b", ["1", "1", "1"]),
+            comp("see <image>", ["3", "3", "3"])]});
+        assert_eq!(pairs(&v, -1.0), vec![("a".to_string(), "b".to_string())]);
+        let e = parse_records(
+            DataFormat::VlfeedbackPaired,
+            &v,
+            &root(),
+            &ParseOptions { score_margin: 0.0 },
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("completions[2].response"));
     }
 
     #[test]
