@@ -4,7 +4,9 @@ of data/demo/sft/images (made by make_sft_data.py), data/demo/kto/unpaired.jsonl
 answers as unpaired records (`unpaired` format: chosen → label true, rejected → label false), and
 data/demo/reward/heldout.jsonl: held-out pairs for a reward model trained on pairs.jsonl — the
 same images and questions with wrong answers that pairs.jsonl never rejects for that image, so
-ranking them needs the image.
+ranking them needs the image; and data/demo/reward/ranked.jsonl: ranked lists of three
+descriptions per image (`ranked` format: colour and shape right > only the colour right > both
+wrong), some given as `scores`, some in Vision-LLM-Alignment's `conversations` layout.
 Deterministic; standard library only.
 
     python3 data/demo/make_dpo_data.py
@@ -70,6 +72,33 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in heldout))
     print(f"wrote {len(heldout)} held-out pairs to {out}")
+
+    ranked = []
+    i = 0
+    for background in BACKGROUNDS:
+        for shape in SHAPES:
+            for colour in COLOURS:
+                image = f"{colour}_{shape}_{background}.png"
+                wrong_colour = COLOURS[(COLOURS.index(colour) + 1 + i % 3) % 4]
+                wrong_shape = SHAPES[(SHAPES.index(shape) + 1 + i % 2) % 3]
+                best = f"a {colour} {shape}."
+                middle = f"a {colour} {wrong_shape}."
+                worst = f"a {wrong_colour} {wrong_shape}."
+                if i % 4 == 1:
+                    # Scores in a shuffled order: the loader sorts by score.
+                    ranked.append({"image": image, "prompt": "Describe the shape.",
+                                   "responses": [middle, worst, best], "scores": [5, 1, 9]})
+                elif i % 4 == 3:
+                    ranked.append({"id": f"ranked-{i}", "image": image, "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe the shape."},
+                        {"from": "gpt", "value": [best, middle, worst]}]})
+                else:
+                    ranked.append({"image": image, "prompt": "Describe the shape.",
+                                   "responses": [best, middle, worst]})
+                i += 1
+    out = HERE / "reward" / "ranked.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in ranked))
+    print(f"wrote {len(ranked)} ranked lists to {out}")
 
     unpaired = []
     for p in pairs:

@@ -376,3 +376,77 @@ fn docs_example_is_valid() {
     );
     assert_eq!(c.optim.group_lrs(), (2e-4, 2e-5, 2e-4));
 }
+
+#[test]
+fn preference_methods_accept_every_paired_format() {
+    let cfg = |method: &str, format: &str, extra: &str| {
+        format!(
+            "[model]\npath = \"m\"\n[method]\nname = \"{method}\"\n[[data.datasets]]\npath = \"d.jsonl\"\nformat = \"{format}\"\n{extra}"
+        )
+    };
+    for method in ["dpo", "simpo", "orpo"] {
+        for format in [
+            "plain_dpo",
+            "vlfeedback_paired",
+            "rlhfv",
+            "conversational_preference",
+        ] {
+            ExperimentConfig::from_str(&cfg(method, format, "")).unwrap();
+        }
+        let err = ExperimentConfig::from_str(&cfg(method, "unpaired", "")).unwrap_err();
+        assert_eq!(err.keys(), vec!["data.datasets[0].format"], "{err}");
+        assert!(
+            err.to_string().contains("\"conversational_preference\""),
+            "{err}"
+        );
+    }
+    ExperimentConfig::from_str(&cfg("kto", "unpaired", "")).unwrap();
+    let err = ExperimentConfig::from_str(&cfg("kto", "rlhfv", "")).unwrap_err();
+    assert_eq!(err.keys(), vec!["data.datasets[0].format"]);
+    assert!(Method::Sft.accepts(DataFormat::VlfeedbackPaired));
+    assert!(Method::Dpo.accepts(DataFormat::Rlhfv));
+    assert!(!Method::Kto.accepts(DataFormat::PlainDpo));
+
+    // Eval datasets are named as such.
+    let err = ExperimentConfig::from_str(&cfg(
+        "dpo",
+        "rlhfv",
+        "[[data.eval_datasets]]\npath = \"e.jsonl\"\nformat = \"llava\"\n",
+    ))
+    .unwrap_err();
+    assert_eq!(err.keys(), vec!["data.eval_datasets[0].format"], "{err}");
+}
+
+#[test]
+fn score_margin_is_checked() {
+    let cfg = |format: &str, margin: &str| {
+        format!(
+            "[model]\npath = \"m\"\n[method]\nname = \"dpo\"\n[[data.datasets]]\npath = \"d.jsonl\"\nformat = \"{format}\"\nscore_margin = {margin}\n"
+        )
+    };
+    let c = ExperimentConfig::from_str(&cfg("vlfeedback_paired", "1.5")).unwrap();
+    assert_eq!(c.data.datasets[0].score_margin, Some(1.5));
+    assert_eq!(
+        c.data.datasets[0].load_options(OnError::Fail).score_margin,
+        1.5
+    );
+    ExperimentConfig::from_str(&cfg("vlfeedback_paired", "-1")).unwrap();
+    ExperimentConfig::from_str(&cfg("vlfeedback_paired", "0")).unwrap();
+    for (format, margin) in [
+        ("vlfeedback_paired", "-0.5"),
+        ("vlfeedback_paired", "nan"),
+        ("plain_dpo", "1"),
+    ] {
+        let err = ExperimentConfig::from_str(&cfg(format, margin)).unwrap_err();
+        assert_eq!(
+            err.keys(),
+            vec!["data.datasets[0].score_margin"],
+            "{format} {margin}: {err}"
+        );
+    }
+    // Unset: VL-RLHF's default, the largest-gap pairs.
+    let c = ExperimentConfig::from_str(&cfg("vlfeedback_paired", "-1")).unwrap();
+    let mut d = c.data.datasets[0].clone();
+    d.score_margin = None;
+    assert_eq!(d.load_options(OnError::Fail).score_margin, -1.0);
+}

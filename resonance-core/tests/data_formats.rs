@@ -1,4 +1,5 @@
-//! Loading the sample files of every format in `tests/data/`, and the errors of the broken ones.
+//! Loading the sample files of every format (`tests/data/`, and the published preference layouts
+//! in `data/samples/` written by `data/samples/make_samples.py`), and the errors of the broken ones.
 
 use std::path::{Path, PathBuf};
 
@@ -358,4 +359,443 @@ fn unpaired_records_carry_their_label() {
         err.contains("kto.jsonl:2:") && err.contains("label"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Published preference layouts: the samples written by data/samples/make_samples.py.
+
+fn samples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/samples")
+}
+
+fn sample_opts(format: DataFormat, cache: &Path) -> LoadOptions {
+    LoadOptions::new(format).image_cache(cache)
+}
+
+/// (id, chosen, rejected) of every record.
+fn triples(d: &resonance_core::data::Dataset) -> Vec<(String, String, String)> {
+    d.records
+        .iter()
+        .map(|r| {
+            assert_eq!(r.messages.len(), 2);
+            assert_eq!(r.messages[1].role, Role::Assistant);
+            (
+                r.id.clone().unwrap_or_default(),
+                r.messages[1].text_content(),
+                r.rejected.clone().expect("a rejected answer"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn vlfeedback_pairs_match_vl_rlhf_for_every_margin() {
+    let cache = tempfile::tempdir().unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(samples().join("vlfeedback_expected.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = expected.as_object().unwrap();
+    assert_eq!(expected.len(), 5);
+    for (margin, pairs) in expected {
+        let margin: f64 = margin.parse().unwrap();
+        let want: Vec<(String, String, String)> = pairs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let s = |k: &str| p[k].as_str().unwrap().to_string();
+                (s("id"), s("chosen"), s("rejected"))
+            })
+            .collect();
+        for file in ["vlfeedback.jsonl", "vlfeedback.parquet"] {
+            let opts = sample_opts(DataFormat::VlfeedbackPaired, cache.path()).score_margin(margin);
+            let d = load_dataset(&samples().join(file), &opts).unwrap();
+            assert_eq!(triples(&d), want, "{file}, score_margin {margin}");
+            let ids: std::collections::BTreeSet<&str> = want.iter().map(|t| t.0.as_str()).collect();
+            // Records without a kept pair are skipped and counted, not errors.
+            assert_eq!(d.report.read, 5);
+            assert_eq!(d.report.loaded, ids.len());
+            assert_eq!(d.report.conversations, want.len());
+            assert_eq!(
+                d.report.skipped.get(&RecordErrorKind::NoPair).copied(),
+                Some(5 - ids.len())
+            );
+        }
+    }
+}
+
+#[test]
+fn vlfeedback_records_keep_source_image_and_prompt() {
+    let cache = tempfile::tempdir().unwrap();
+    let opts = sample_opts(DataFormat::VlfeedbackPaired, cache.path()).score_margin(0.0);
+    for file in ["vlfeedback.jsonl", "vlfeedback.parquet"] {
+        let d = load_dataset(&samples().join(file), &opts).unwrap();
+        // vlf-1 (line / row 1) gives 6 pairs, vlf-2 (2) one, vlf-5 (5) three.
+        let lines: Vec<usize> = d.records.iter().map(|r| r.source.line).collect();
+        assert_eq!(lines, vec![1, 1, 1, 1, 1, 1, 2, 5, 5, 5], "{file}");
+        let r = &d.records[0];
+        assert!(r.source.file.ends_with(file));
+        assert_eq!(r.images, vec![samples().join("images/cat.png")]);
+        assert_eq!(
+            r.messages[0].content,
+            vec![Part::Image, Part::Text("What is the animal doing?".into())]
+        );
+        // `<image>\n` in the prompt: the image at the placeholder.
+        let r = &d.records[6];
+        assert_eq!(r.images, vec![samples().join("images/dog.png")]);
+        assert_eq!(
+            r.messages[0].content,
+            vec![Part::Image, Part::Text("Describe the dog.".into())]
+        );
+        let shown = d.report.to_string();
+        assert!(
+            shown.contains("5 records read, 3 loaded (10 conversations), 2 skipped (no_pair: 2)"),
+            "{shown}"
+        );
+        assert!(shown.contains(&format!("{file}:3: field `completions`: no preference pair: the 2 completions with numeric ratings all have the same score")), "{shown}");
+        assert!(
+            shown.contains(&format!(
+                "{file}:4: field `completions`: no preference pair: 1 of 2 completions"
+            )),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn vlfeedback_bad_rating_names_line_and_field() {
+    let path = samples().join("broken/vlfeedback_bad_rating.jsonl");
+    let cache = tempfile::tempdir().unwrap();
+    let opts = sample_opts(DataFormat::VlfeedbackPaired, cache.path()).image_root(samples());
+    let e = load_dataset(&path, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "vlfeedback_bad_rating.jsonl:2: field `completions[2].annotations.Visual Faithfulness.Rating`: expected a rating"
+        ),
+        "{e}"
+    );
+    let d = load_dataset(&path, &opts.on_error(OnError::Skip)).unwrap();
+    assert_eq!(d.report.loaded, 1);
+    assert_eq!(d.report.skipped[&RecordErrorKind::InvalidField], 1);
+}
+
+fn assert_png(path: &Path, width: usize, height: usize) {
+    let img = resonance_core::image::load_image(path).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (width, height),
+        "{}",
+        path.display()
+    );
+}
+
+#[test]
+fn rlhfv_parquet_with_embedded_images() {
+    let cache = tempfile::tempdir().unwrap();
+    let d = load_dataset(
+        &samples().join("rlhfv.parquet"),
+        &sample_opts(DataFormat::Rlhfv, cache.path()),
+    )
+    .unwrap();
+    assert_eq!(d.len(), 5);
+    assert_eq!(
+        triples(&d)[1],
+        (
+            "1".into(),
+            "A blue rectangle, taller than wide.".into(),
+            "A blue car.".into()
+        )
+    );
+    // The "line" of a Parquet record is its 1-based row.
+    let rows: Vec<usize> = d.records.iter().map(|r| r.source.line).collect();
+    assert_eq!(rows, vec![1, 2, 3, 4, 5]);
+    let ids: Vec<&str> = d.records.iter().filter_map(|r| r.id.as_deref()).collect();
+    assert_eq!(ids, vec!["0", "1", "2", "3", "4"]);
+    // Embedded bytes: cached once per content, as decodable PNGs.
+    let img = |i: usize| d.records[i].images[0].clone();
+    for i in 0..4 {
+        assert!(img(i).starts_with(cache.path()), "{}", img(i).display());
+        assert_eq!(img(i).extension().unwrap(), "png");
+    }
+    assert_png(&img(0), 6, 4);
+    assert_png(&img(1), 4, 6);
+    assert_png(&img(2), 5, 5);
+    assert_eq!(img(3), img(0));
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 3);
+    // Null bytes: the image's path, against the image root.
+    assert_eq!(img(4), samples().join("images/dog.png"));
+    assert_png(&img(4), 8, 12);
+    assert_eq!(
+        d.records[0].messages[0].content,
+        vec![Part::Image, Part::Text("What is in the image?".into())]
+    );
+    assert_eq!(
+        d.records[2].messages[0].content,
+        vec![Part::Image, Part::Text("What colour dominates?".into())]
+    );
+    // Loading again reuses the cache files.
+    let again = load_dataset(
+        &samples().join("rlhfv.parquet"),
+        &sample_opts(DataFormat::Rlhfv, cache.path()),
+    )
+    .unwrap();
+    assert_eq!(again.records[0].images, d.records[0].images);
+}
+
+#[test]
+fn rlhfv_jsonl_uses_image_path() {
+    let cache = tempfile::tempdir().unwrap();
+    let d = load_dataset(
+        &samples().join("rlhfv.jsonl"),
+        &sample_opts(DataFormat::Rlhfv, cache.path()),
+    )
+    .unwrap();
+    assert_eq!(
+        triples(&d),
+        vec![
+            ("10".into(), "A cat.".into(), "A dog.".into()),
+            ("11".into(), "A dog.".into(), "A cat.".into())
+        ]
+    );
+    assert_eq!(d.records[0].images, vec![samples().join("images/cat.png")]);
+    assert_eq!(d.records[1].images, vec![samples().join("images/dog.png")]);
+}
+
+#[test]
+fn rlhfv_bad_row_names_file_row_and_field() {
+    let path = samples().join("broken/rlhfv_bad_text.parquet");
+    let cache = tempfile::tempdir().unwrap();
+    let opts = sample_opts(DataFormat::Rlhfv, cache.path());
+    let e = load_dataset(&path, &opts).unwrap_err();
+    assert_eq!(e.kind(), Some(RecordErrorKind::InvalidField));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("rlhfv_bad_text.parquet:2: field `text`: expected a JSON string"),
+        "{msg}"
+    );
+    let d = load_dataset(&path, &opts.on_error(OnError::Skip)).unwrap();
+    assert_eq!(
+        d.records.iter().map(|r| r.source.line).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    assert_eq!(d.report.first_skipped[0].line, 2);
+}
+
+#[test]
+fn not_parquet_is_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.parquet");
+    std::fs::write(&path, "{\"prompt\": \"x\"}\n").unwrap();
+    let e = load_dataset(&path, &LoadOptions::new(DataFormat::Rlhfv)).unwrap_err();
+    assert!(matches!(e, DataError::Parquet { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: Parquet: ", path.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn conversational_preference_jsonl() {
+    let cache = tempfile::tempdir().unwrap();
+    let d = load_dataset(
+        &samples().join("conversational_preference.jsonl"),
+        &sample_opts(DataFormat::ConversationalPreference, cache.path()),
+    )
+    .unwrap();
+    assert_eq!(d.len(), 4);
+    let r = &d.records[0];
+    assert_eq!(r.images, vec![samples().join("images/cat.png")]);
+    assert_eq!(
+        r.messages[0].content,
+        vec![Part::Image, Part::Text("What animal is this?".into())]
+    );
+    assert_eq!(r.messages[1].text_content(), "A cat.");
+    assert_eq!(r.rejected.as_deref(), Some("A dog."));
+
+    // System turn, multi-turn prompt, two images.
+    let r = &d.records[1];
+    let roles: Vec<Role> = r.messages.iter().map(|m| m.role).collect();
+    assert_eq!(
+        roles,
+        vec![
+            Role::System,
+            Role::User,
+            Role::Assistant,
+            Role::User,
+            Role::Assistant
+        ]
+    );
+    assert_eq!(
+        r.images,
+        vec![
+            samples().join("images/cat.png"),
+            samples().join("images/dog.png")
+        ]
+    );
+    assert_eq!(
+        r.messages[1].content,
+        vec![
+            Part::Image,
+            Part::Image,
+            Part::Text("Compare the two pictures.".into())
+        ]
+    );
+    assert_eq!(r.messages[4].text_content(), "The second.");
+    assert_eq!(r.rejected.as_deref(), Some("The first."));
+
+    // Implicit prompt.
+    let r = &d.records[2];
+    assert_eq!(r.messages.len(), 2);
+    assert_eq!(
+        r.messages[0].content,
+        vec![Part::Image, Part::Text("What colour is the sign?".into())]
+    );
+    assert_eq!(
+        (r.messages[1].text_content(), r.rejected.as_deref()),
+        ("Green.".into(), Some("Red."))
+    );
+    assert!(d.records[3].images.is_empty());
+}
+
+#[test]
+fn conversational_preference_parquet_zstd_with_embedded_images() {
+    let cache = tempfile::tempdir().unwrap();
+    let d = load_dataset(
+        &samples().join("conversational_preference.parquet"),
+        &sample_opts(DataFormat::ConversationalPreference, cache.path()),
+    )
+    .unwrap();
+    assert_eq!(d.len(), 2);
+    let r = &d.records[0];
+    assert_eq!(r.images.len(), 2);
+    assert_png(&r.images[0], 6, 4);
+    assert_png(&r.images[1], 4, 6);
+    assert_eq!(
+        r.messages[0].content,
+        vec![Part::Image, Part::Image, Part::Text("Which is red?".into())]
+    );
+    assert_eq!(
+        (r.messages[1].text_content(), r.rejected.as_deref()),
+        ("The first.".into(), Some("The second."))
+    );
+    assert_png(&d.records[1].images[0], 5, 5);
+}
+
+#[test]
+fn conversational_bad_role_names_line_and_field() {
+    let cache = tempfile::tempdir().unwrap();
+    let e = load_dataset(
+        &samples().join("broken/conversational_bad_role.jsonl"),
+        &sample_opts(DataFormat::ConversationalPreference, cache.path()).image_root(samples()),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), Some(RecordErrorKind::RoleOrder));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("conversational_bad_role.jsonl:3: field `chosen[1].role`: the answer must be an assistant message"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unpaired_reads_trl_conversational_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kto.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": [{\"role\": \"system\", \"content\": \"Be kind.\"}, {\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"Hello!\"}], \"label\": true}\n\
+         {\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"Go.\"}, {\"role\": \"assistant\", \"content\": \"Away.\"}], \"label\": false}\n",
+    )
+    .unwrap();
+    let d = load_dataset(
+        &path,
+        &LoadOptions::new(DataFormat::Unpaired).on_error(OnError::Skip),
+    )
+    .unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d.records[0].messages.len(), 3);
+    assert_eq!(d.records[0].messages[2].text_content(), "Hello!");
+    assert_eq!(d.records[0].label, Some(true));
+    assert!(d.report.first_skipped[0]
+        .message
+        .contains("kto.jsonl:2: field `completion`: expected exactly one assistant message"));
+}
+
+#[test]
+fn parquet_codecs() {
+    for codec in ["gzip", "lz4", "brotli", "none"] {
+        let path = samples().join(format!("codecs/conversational_{codec}.parquet"));
+        let d = load_dataset(
+            &path,
+            &LoadOptions::new(DataFormat::ConversationalPreference),
+        )
+        .unwrap_or_else(|e| panic!("{codec}: {e}"));
+        assert_eq!(
+            triples(&d),
+            vec![(String::new(), "Hello!".into(), "No.".into())],
+            "{codec}"
+        );
+    }
+}
+
+fn demo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo")
+}
+
+#[test]
+fn ranked_lists_in_all_three_layouts() {
+    let opts = LoadOptions::new(DataFormat::Ranked).image_root(demo_root().join("sft/images"));
+    let d = load_dataset(&demo_root().join("reward/ranked.jsonl"), &opts).unwrap();
+    assert_eq!(d.len(), 24);
+    let answers = |i: usize| {
+        let r = &d.records[i];
+        let mut all = vec![r.messages.last().unwrap().text_content()];
+        all.extend(r.rejected.clone());
+        all.extend(r.ranked_below.clone());
+        all
+    };
+    // Best first as written.
+    assert_eq!(
+        answers(0),
+        ["a red circle.", "a red square.", "a green square."]
+    );
+    assert_eq!(d.records[0].images.len(), 1);
+    // Sorted by `scores`, highest first.
+    assert_eq!(
+        answers(1),
+        ["a green circle.", "a green triangle.", "a yellow triangle."]
+    );
+    // Vision-LLM-Alignment's conversations layout, `<image>` placeholder in the question.
+    let r = &d.records[3];
+    assert_eq!(r.id.as_deref(), Some("ranked-3"));
+    assert_eq!(r.messages[0].content[0], Part::Image);
+    assert_eq!(r.ranked_below.len(), 1);
+}
+
+#[test]
+fn ranked_list_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, field) in [
+        (r#"{"prompt": "q", "responses": ["only one"]}"#, "responses"),
+        (r#"{"prompt": "q", "responses": ["a", 2]}"#, "responses[1]"),
+        (
+            r#"{"prompt": "q", "responses": ["a", "b"], "scores": [1, 1]}"#,
+            "scores",
+        ),
+        (
+            r#"{"prompt": "q", "responses": ["a", "b"], "scores": [1]}"#,
+            "scores",
+        ),
+        (r#"{"prompt": "q"}"#, "responses"),
+    ] {
+        let path = dir.path().join("bad.jsonl");
+        std::fs::write(&path, format!("{body}\n")).unwrap();
+        let err = load_dataset(&path, &LoadOptions::new(DataFormat::Ranked))
+            .expect_err(body)
+            .to_string();
+        assert!(err.contains("bad.jsonl:1:"), "{err}");
+        assert!(err.contains(&format!("field `{field}`")), "{body}: {err}");
+    }
 }

@@ -270,3 +270,37 @@ fn ranking_losses_match_their_formulas() {
     let got = losses(lists(&[&[300.0, 0.0, -300.0]]), RankingLoss::PlackettLuce)[0];
     assert!(got.is_finite() && got.abs() < 1e-3, "{got}");
 }
+
+#[test]
+fn ranked_lists_train_with_plackett_luce_and_one_image_encoding_per_list() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = demo_config(out.path());
+    cfg.data.eval_datasets.clear();
+    cfg.train.eval_every = 0;
+    cfg.data.datasets[0].path = root().join("data/demo/reward/ranked.jsonl");
+    cfg.data.datasets[0].format = resonance_core::data::DataFormat::Ranked;
+    cfg.method.ranking_loss = RankingLoss::PlackettLuce;
+    cfg.train.epochs = Some(15);
+    let before = VISION_TOWER_CALLS.load(Ordering::SeqCst);
+    let summary = run(&cfg);
+    let calls = VISION_TOWER_CALLS.load(Ordering::SeqCst) - before;
+    // Three answers per list, one encoding of the batch's images per step.
+    assert_eq!(calls as u64, summary.global_step);
+    let m = metrics(out.path());
+    // Nearly equal rewards at the start: −log(1/3) − log(1/2) = ln 6.
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 6f64.ln()).abs() < 0.1,
+        "{}",
+        m[0]
+    );
+    let (first, last) = (&m[..10], &m[m.len() - 10..]);
+    assert!(
+        mean(last, "loss") < mean(first, "loss") - 0.5,
+        "loss {} -> {}",
+        mean(first, "loss"),
+        mean(last, "loss")
+    );
+    // Accuracy counts the 3 ordered pairs of every list.
+    assert!(mean(last, "accuracy") > 0.8, "{}", mean(last, "accuracy"));
+}

@@ -101,10 +101,13 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
-    /// The data file (JSON array or JSON lines, detected by content). Relative paths are relative
+    /// The data file: JSON array or JSON lines (detected by content), or Parquet (a file ending
+    /// in `.parquet`, read row by row; its images may be embedded). Relative paths are relative
     /// to the working directory. Required.
     pub path: PathBuf,
-    /// Record format: `"llava"`, `"vlquery_json"`, `"flamingo"` or `"text"`. Default `"llava"`.
+    /// Record format: SFT `"llava"`, `"vlquery_json"`, `"flamingo"`, `"text"`; preference pairs
+    /// `"plain_dpo"`, `"vlfeedback_paired"`, `"rlhfv"`, `"conversational_preference"`; unpaired
+    /// preference (KTO) `"unpaired"`. Default `"llava"`.
     pub format: DataFormat,
     /// Directory relative image paths are joined to. Default: the directory of the data file.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,6 +119,11 @@ pub struct DatasetConfig {
     /// A name for reports and metrics. Default: the file stem.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// `vlfeedback_paired` only: keep the pairs of completions whose mean-rating gap is at least
+    /// this (`>= 0`), or `-1` to keep, per record, the pairs with the largest gap. Default `-1`
+    /// (VL-RLHF's default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score_margin: Option<f64>,
 }
 
 impl DatasetConfig {
@@ -126,6 +134,8 @@ impl DatasetConfig {
             image_root: self.image_root.clone(),
             on_error,
             check_images: true,
+            score_margin: self.score_margin.unwrap_or(crate::data::LARGEST_GAP),
+            image_cache: None,
         }
     }
 
@@ -245,12 +255,12 @@ pub enum Method {
     /// Supervised fine-tuning: cross-entropy on the assistant tokens.
     #[default]
     Sft,
-    /// Direct preference optimisation (and its variants, `method.loss_type`) on `plain_dpo`
-    /// pairs.
+    /// Direct preference optimisation (and its variants, `method.loss_type`) on preference
+    /// pairs (any paired format, see [`DataFormat::is_paired`]).
     Dpo,
-    /// SimPO (reference-free, length-averaged, margin `simpo_gamma`) on `plain_dpo` pairs.
+    /// SimPO (reference-free, length-averaged, margin `simpo_gamma`) on preference pairs.
     Simpo,
-    /// ORPO (odds ratio + NLL of the chosen answers, reference-free) on `plain_dpo` pairs.
+    /// ORPO (odds ratio + NLL of the chosen answers, reference-free) on preference pairs.
     Orpo,
     /// KTO on `unpaired` records (desirable / undesirable completions).
     Kto,
@@ -266,15 +276,25 @@ impl Method {
         !matches!(self, Method::Sft)
     }
 
-    /// The data format a preference method reads (`None` for SFT, which reads any).
-    pub fn data_format(self) -> Option<crate::data::DataFormat> {
+    /// Whether the method trains on records of `format`: SFT on any (it trains on the final
+    /// assistant turns, the chosen answers of preference records), DPO / SimPO / ORPO on the
+    /// paired formats (`plain_dpo`, `vlfeedback_paired`, `rlhfv`,
+    /// `conversational_preference`), KTO on `unpaired`.
+    pub fn accepts(self, format: DataFormat) -> bool {
         match self {
-            Method::Sft => None,
-            Method::Kto => Some(crate::data::DataFormat::Unpaired),
-            Method::Dpo | Method::Simpo | Method::Orpo | Method::Reward => {
-                Some(crate::data::DataFormat::PlainDpo)
-            }
+            Method::Sft => true,
+            Method::Kto => format == DataFormat::Unpaired,
+            Method::Dpo | Method::Simpo | Method::Orpo => format.is_paired(),
+            Method::Reward => format.is_paired() || format == DataFormat::Ranked,
         }
+    }
+
+    /// The formats the method accepts, for messages.
+    pub fn accepted_formats(self) -> Vec<DataFormat> {
+        DataFormat::ALL
+            .into_iter()
+            .filter(|f| self.accepts(*f))
+            .collect()
     }
 }
 
@@ -960,6 +980,7 @@ impl ExperimentConfig {
             image_root: Some("x".into()),
             weight: Some(1.0),
             name: Some("x".into()),
+            score_margin: Some(0.0),
         });
         c.data.eval_datasets.push(DatasetConfig {
             path: "x".into(),
@@ -967,6 +988,7 @@ impl ExperimentConfig {
             image_root: Some("x".into()),
             weight: None,
             name: Some("x".into()),
+            score_margin: Some(0.0),
         });
         c.method.rpo_alpha = Some(1.0);
         c.method.loss_weights = Some(vec![1.0]);

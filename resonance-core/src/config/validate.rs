@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::error::Problem;
 use super::{ExperimentConfig, GroupTraining, TargetModules};
-use crate::data::Mixing;
+use crate::data::{DataFormat, Mixing, LARGEST_GAP};
 
 /// Every problem of `cfg`, in section order.
 pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
@@ -99,20 +99,52 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
 
     // [method]
     let method = &cfg.method;
-    if let Some(format) = method.name.data_format() {
-        for (i, d) in data.datasets.iter().chain(&data.eval_datasets).enumerate() {
-            if d.format != format {
+    let sets = [
+        ("datasets", &data.datasets),
+        ("eval_datasets", &data.eval_datasets),
+    ];
+    for (list, datasets) in sets {
+        for (i, d) in datasets.iter().enumerate() {
+            if !method.name.accepts(d.format) {
+                let accepted: Vec<String> = method
+                    .name
+                    .accepted_formats()
+                    .iter()
+                    .map(|f| format!("\"{f}\""))
+                    .collect();
                 add(
-                    &format!("data.datasets[{i}].format"),
+                    &format!("data.{list}[{i}].format"),
                     format!(
-                        "method {:?} trains on \"{}\" data, got \"{}\"",
+                        "method {:?} trains on {} data, got \"{}\"",
                         method.name,
-                        format.as_str(),
+                        accepted.join(" / "),
                         d.format.as_str()
                     ),
                 );
             }
+            if let Some(m) = d.score_margin {
+                if d.format != DataFormat::VlfeedbackPaired {
+                    add(
+                        &format!("data.{list}[{i}].score_margin"),
+                        format!(
+                            "only used with format = \"vlfeedback_paired\", but the format is \
+                             \"{}\"; remove it",
+                            d.format
+                        ),
+                    );
+                } else if !(m.is_finite() && (m >= 0.0 || m == LARGEST_GAP)) {
+                    add(
+                        &format!("data.{list}[{i}].score_margin"),
+                        format!(
+                            "must be >= 0 (the minimum score gap of a pair) or -1 (the \
+                             largest-gap pairs of each record), got {m}"
+                        ),
+                    );
+                }
+            }
         }
+    }
+    if method.name.is_preference() {
         for (key, w) in [
             ("method.desirable_weight", method.desirable_weight),
             ("method.undesirable_weight", method.undesirable_weight),

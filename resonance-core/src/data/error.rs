@@ -22,6 +22,10 @@ pub enum RecordErrorKind {
     ImageCount,
     /// An image file does not exist.
     MissingImage,
+    /// A record with ratings (`vlfeedback_paired`) from which no preference pair can be formed
+    /// (fewer than two completions with numeric ratings, all scored ones tie, or no score gap
+    /// reaches `score_margin`). Such records are skipped and counted under any `on_error`.
+    NoPair,
 }
 
 impl RecordErrorKind {
@@ -34,6 +38,7 @@ impl RecordErrorKind {
             RecordErrorKind::RoleOrder => "role_order",
             RecordErrorKind::ImageCount => "image_count",
             RecordErrorKind::MissingImage => "missing_image",
+            RecordErrorKind::NoPair => "no_pair",
         }
     }
 }
@@ -88,6 +93,40 @@ pub enum DataError {
         kind: RecordErrorKind,
         /// What is wrong.
         message: String,
+    },
+
+    /// A Parquet file that cannot be read (not Parquet, an unsupported compression or encoding,
+    /// a corrupt page). `row` is the 1-based row being read when the reader failed, if any.
+    #[error("{}{}: Parquet: {message}", path.display(), Col(*row))]
+    Parquet {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based row.
+        row: Option<usize>,
+        /// What the Parquet reader reported.
+        message: String,
+    },
+
+    /// An image embedded in a Parquet row (HF `Image` column, `{bytes, path}`) could not be
+    /// written to the image cache.
+    #[error(
+        "{}:{row}: field `{field}`: cannot write the embedded image to the cache directory {}: \
+         {source}",
+        path.display(),
+        cache_dir.display()
+    )]
+    ImageCache {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based row.
+        row: usize,
+        /// The column holding the image (`image`, `images[1]`).
+        field: String,
+        /// The image cache directory.
+        cache_dir: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
     },
 
     /// Mixing / sampler configuration is inconsistent (e.g. an empty dataset, a non-positive

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::RecordErrorKind;
+use super::preference;
 use super::record::{Message, Part, Role};
 
 /// The placeholder LLaVA-style formats use for an image inside the text.
@@ -64,8 +65,35 @@ pub enum DataFormat {
     PlainDpo,
     /// Unpaired preference data (KTO): `{"image" | "images" (optional), "prompt",
     /// "completion", "label": true | false}`; read as `[user: prompt, assistant: completion]`
-    /// with the label beside it.
+    /// with the label beside it. TRL's conversational form is accepted too: `prompt` a list of
+    /// `{"role", "content"}` messages (system and earlier turns allowed, ending with a user
+    /// turn) and `completion` a list holding one assistant message.
     Unpaired,
+    /// VLFeedback as published (`MMInstruction/VLFeedback`): `{"id", "prompt", "models",
+    /// "completions": [{"annotations": {"Helpfulness": {"Rating", "Rationale"}, "Visual
+    /// Faithfulness": {..}, "Ethical Considerations": {..}}, "model", "response"}], "img_path"}`.
+    /// The completions are turned into preference pairs as VL-RLHF does (see
+    /// [`super::preference`]); one record can give several pairs, selected by the dataset's
+    /// `score_margin`.
+    VlfeedbackPaired,
+    /// RLHF-V as published (`openbmb/RLHF-V-Dataset`): `{"ds_name", "image": {"bytes",
+    /// "path"}, "text": "{\"question\": .., \"chosen\": .., \"rejected\": ..}",
+    /// "origin_dataset", "origin_split", "idx", "image_path"}`, where `text` is a JSON string.
+    Rlhfv,
+    /// TRL's conversational preference format: `{"prompt": [messages], "chosen": [assistant
+    /// message], "rejected": [assistant message], "images": [...] (optional)}`, messages being
+    /// `{"role", "content"}` with `content` as in the `text` format. Multi-turn prompts (with a
+    /// system turn) and several images are allowed; without `prompt`, the prompt is the common
+    /// leading part of `chosen` and `rejected` (TRL's implicit prompt).
+    ConversationalPreference,
+    /// Ranked answers for a reward model: `{"image" | "images" (optional), "prompt",
+    /// "responses": [best, ..., worst]}` (two or more), or with `"scores": [...]` (one per
+    /// response, higher is better; the order is then by score, ties refused); or
+    /// Vision-LLM-Alignment's layout `{"id", "image", "conversations": [{"from": "human",
+    /// "value": question}, {"from": "gpt", "value": [best, ..., worst]}]}`. Read as
+    /// `[user: prompt, assistant: best]`, the second answer as `rejected`, the rest in
+    /// `ranked_below`.
+    Ranked,
 }
 
 impl DataFormat {
@@ -78,7 +106,41 @@ impl DataFormat {
             DataFormat::Text => "text",
             DataFormat::PlainDpo => "plain_dpo",
             DataFormat::Unpaired => "unpaired",
+            DataFormat::VlfeedbackPaired => "vlfeedback_paired",
+            DataFormat::Rlhfv => "rlhfv",
+            DataFormat::ConversationalPreference => "conversational_preference",
+            DataFormat::Ranked => "ranked",
         }
+    }
+
+    /// Every format, in declaration order.
+    pub const ALL: [DataFormat; 10] = [
+        DataFormat::Llava,
+        DataFormat::VlqueryJson,
+        DataFormat::Flamingo,
+        DataFormat::Text,
+        DataFormat::PlainDpo,
+        DataFormat::Unpaired,
+        DataFormat::VlfeedbackPaired,
+        DataFormat::Rlhfv,
+        DataFormat::ConversationalPreference,
+        DataFormat::Ranked,
+    ];
+
+    /// Whether records of this format are preference pairs (a chosen and a rejected answer).
+    pub fn is_paired(self) -> bool {
+        matches!(
+            self,
+            DataFormat::PlainDpo
+                | DataFormat::VlfeedbackPaired
+                | DataFormat::Rlhfv
+                | DataFormat::ConversationalPreference
+        )
+    }
+
+    /// Whether one source record can give several conversations (`vlfeedback_paired`).
+    pub fn is_one_to_many(self) -> bool {
+        matches!(self, DataFormat::VlfeedbackPaired)
     }
 }
 
@@ -100,7 +162,11 @@ pub struct RecordProblem {
 }
 
 impl RecordProblem {
-    fn new(kind: RecordErrorKind, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn new(
+        kind: RecordErrorKind,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         RecordProblem {
             kind,
             field: Some(field.into()),
@@ -108,7 +174,7 @@ impl RecordProblem {
         }
     }
 
-    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::new(RecordErrorKind::InvalidField, field, message)
     }
 }
@@ -128,42 +194,118 @@ pub struct ParsedRecord {
     pub rejected: Option<String>,
     /// The label of an unpaired preference record: `true` when the answer is desirable.
     pub label: Option<bool>,
+    /// Ranked lists: the answers ranked below `rejected`, best first.
+    pub ranked_below: Vec<String>,
 }
 
-type Res<T> = Result<T, RecordProblem>;
+pub(super) type Res<T> = Result<T, RecordProblem>;
+
+/// Per-dataset options of the conversion (from the dataset's config entry).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParseOptions {
+    /// `vlfeedback_paired`: keep the pairs whose score gap is at least this; `-1`: keep, per
+    /// record, the pairs with the largest gap. Default `-1` (VL-RLHF's default).
+    pub score_margin: f64,
+}
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        ParseOptions {
+            score_margin: LARGEST_GAP,
+        }
+    }
+}
+
+/// The `score_margin` that selects the largest-gap pairs of each record.
+pub const LARGEST_GAP: f64 = -1.0;
 
 /// Converts one JSON record of `format` into a conversation; relative image paths are joined to
 /// `image_root`. Does not check that image files exist.
+///
+/// For a format that can give several conversations per record (`vlfeedback_paired`, see
+/// [`DataFormat::is_one_to_many`]), this is the first of [`parse_records`] under the default
+/// options.
 pub fn parse_record(format: DataFormat, value: &Value, image_root: &Path) -> Res<ParsedRecord> {
+    let mut all = parse_records(format, value, image_root, &ParseOptions::default())?;
+    if all.is_empty() {
+        // parse_records reports a record without a conversation as a problem.
+        return Err(RecordProblem {
+            kind: RecordErrorKind::NoPair,
+            field: None,
+            message: "no conversation".into(),
+        });
+    }
+    Ok(all.swap_remove(0))
+}
+
+/// Converts one JSON record of `format` into its conversations: one for every format but
+/// `vlfeedback_paired`, which gives one per selected preference pair (a record without any is a
+/// [`RecordErrorKind::NoPair`] problem, never an empty list).
+pub fn parse_records(
+    format: DataFormat,
+    value: &Value,
+    image_root: &Path,
+    options: &ParseOptions,
+) -> Res<Vec<ParsedRecord>> {
     let obj = value.as_object().ok_or_else(|| RecordProblem {
         kind: RecordErrorKind::InvalidField,
         field: None,
         message: format!("expected a JSON object, found {}", json_type(value)),
     })?;
-    let mut rec = match format {
-        DataFormat::Llava => parse_from_value(obj, image_root, "image", &LLAVA_ROLES)?,
-        DataFormat::VlqueryJson => parse_from_value(obj, image_root, "image", &VLQUERY_ROLES)?,
-        DataFormat::Flamingo => parse_flamingo(obj, image_root)?,
-        DataFormat::Text => parse_text(obj, image_root)?,
-        DataFormat::PlainDpo => parse_plain_dpo(obj, image_root)?,
-        DataFormat::Unpaired => parse_unpaired(obj, image_root)?,
+    let mut recs = match format {
+        DataFormat::Llava => vec![parse_from_value(obj, image_root, "image", &LLAVA_ROLES)?],
+        DataFormat::VlqueryJson => {
+            vec![parse_from_value(obj, image_root, "image", &VLQUERY_ROLES)?]
+        }
+        DataFormat::Flamingo => vec![parse_flamingo(obj, image_root)?],
+        DataFormat::Text => vec![parse_text(obj, image_root)?],
+        DataFormat::PlainDpo => vec![parse_plain_dpo(obj, image_root)?],
+        DataFormat::Unpaired => vec![parse_unpaired(obj, image_root)?],
+        DataFormat::VlfeedbackPaired => {
+            preference::parse_vlfeedback(obj, image_root, options.score_margin)?
+        }
+        DataFormat::Rlhfv => vec![preference::parse_rlhfv(obj, image_root)?],
+        DataFormat::ConversationalPreference => {
+            vec![preference::parse_conversational(obj, image_root)?]
+        }
+        DataFormat::Ranked => vec![parse_ranked(obj, image_root)?],
     };
-    rec.id = parse_id(obj)?;
-    check_roles(&rec.messages, role_field(format))?;
-    Ok(rec)
+    let id = parse_id(obj)?;
+    let prompt_is_list = obj.get("prompt").is_some_and(Value::is_array);
+    for rec in &mut recs {
+        if id.is_some() {
+            rec.id.clone_from(&id);
+        }
+        let last = rec.messages.len().saturating_sub(1);
+        let field = |i: usize| role_field(format, i, last, prompt_is_list);
+        check_roles(&rec.messages, &field)?;
+    }
+    Ok(recs)
 }
 
-fn role_field(format: DataFormat) -> fn(usize) -> String {
+/// The field holding the role of message `i` (of `last + 1`), for role errors.
+fn role_field(format: DataFormat, i: usize, last: usize, prompt_is_list: bool) -> String {
+    let pick = |first: &str, second: &str| if i == 0 { first } else { second }.to_string();
     match format {
-        DataFormat::Llava | DataFormat::VlqueryJson => |i| format!("conversations[{i}].from"),
-        DataFormat::Flamingo => |i| if i == 0 { "input" } else { "output" }.to_string(),
-        DataFormat::PlainDpo => |i| if i == 0 { "prompt" } else { "chosen" }.to_string(),
-        DataFormat::Unpaired => |i| if i == 0 { "prompt" } else { "completion" }.to_string(),
-        DataFormat::Text => |i| format!("messages[{i}].role"),
+        DataFormat::Llava | DataFormat::VlqueryJson => format!("conversations[{i}].from"),
+        DataFormat::Flamingo => pick("input", "output"),
+        DataFormat::PlainDpo => pick("prompt", "chosen"),
+        DataFormat::Unpaired if prompt_is_list && i < last => format!("prompt[{i}].role"),
+        DataFormat::Unpaired => pick("prompt", "completion"),
+        DataFormat::Text => format!("messages[{i}].role"),
+        DataFormat::VlfeedbackPaired => pick("prompt", "completions"),
+        DataFormat::Rlhfv => pick("text.question", "text.chosen"),
+        DataFormat::ConversationalPreference if i < last && prompt_is_list => {
+            format!("prompt[{i}].role")
+        }
+        // Implicit prompt: the prompt messages are the leading ones of `chosen`.
+        DataFormat::ConversationalPreference if i < last => format!("chosen[{i}].role"),
+        DataFormat::ConversationalPreference => "chosen".to_string(),
+        DataFormat::Ranked => pick("prompt", "responses"),
     }
 }
 
-fn json_type(v: &Value) -> &'static str {
+pub(super) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -186,7 +328,7 @@ fn parse_id(obj: &Map<String, Value>) -> Res<Option<String>> {
     }
 }
 
-fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Res<&'a str> {
+pub(super) fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Res<&'a str> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s),
         None => Err(RecordProblem::invalid(field, "missing")),
@@ -197,7 +339,7 @@ fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Res<&'a s
     }
 }
 
-fn get_array<'a>(obj: &'a Map<String, Value>, key: &str) -> Res<&'a Vec<Value>> {
+pub(super) fn get_array<'a>(obj: &'a Map<String, Value>, key: &str) -> Res<&'a Vec<Value>> {
     match obj.get(key) {
         Some(Value::Array(a)) => Ok(a),
         None => Err(RecordProblem::invalid(key, "missing")),
@@ -208,7 +350,7 @@ fn get_array<'a>(obj: &'a Map<String, Value>, key: &str) -> Res<&'a Vec<Value>> 
     }
 }
 
-fn resolve(image_root: &Path, raw: &str, field: &str) -> Res<PathBuf> {
+pub(super) fn resolve(image_root: &Path, raw: &str, field: &str) -> Res<PathBuf> {
     let raw = raw.trim();
     if raw.is_empty() {
         return Err(RecordProblem::invalid(field, "empty image path"));
@@ -227,8 +369,11 @@ fn resolve(image_root: &Path, raw: &str, field: &str) -> Res<PathBuf> {
     })
 }
 
-/// Reads an image field that is absent/null (no image), a string, or an array of strings.
-fn parse_image_list(
+/// Reads an image field that is absent/null (no image), one image, or an array of images. An
+/// image is a path string or an HF `Image` value `{"bytes": null, "path": "a.png"}` (Parquet
+/// rows with embedded bytes arrive here already as the path of the cached file, see
+/// [`super::parquet`]).
+pub(super) fn parse_image_list(
     obj: &Map<String, Value>,
     key: &str,
     image_root: &Path,
@@ -237,36 +382,53 @@ fn parse_image_list(
     let mut fields = Vec::new();
     match obj.get(key) {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) => {
-            paths.push(resolve(image_root, s, key)?);
-            fields.push(key.to_string());
-        }
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 let field = format!("{key}[{i}]");
-                match item {
-                    Value::String(s) => paths.push(resolve(image_root, s, &field)?),
-                    other => {
-                        return Err(RecordProblem::invalid(
-                            field,
-                            format!("expected an image path string, found {}", json_type(other)),
-                        ))
-                    }
-                }
+                paths.push(resolve(image_root, image_path_of(item, &field)?, &field)?);
                 fields.push(field);
             }
         }
-        Some(other) => {
-            return Err(RecordProblem::invalid(
-                key,
-                format!(
-                    "expected an image path or a list of image paths, found {}",
-                    json_type(other)
-                ),
-            ))
+        Some(one) => {
+            paths.push(resolve(image_root, image_path_of(one, key)?, key)?);
+            fields.push(key.to_string());
         }
     }
     Ok((paths, fields))
+}
+
+/// The path of one image value: a string, or an HF `Image` object whose `bytes` are null.
+pub(super) fn image_path_of<'a>(value: &'a Value, field: &str) -> Res<&'a str> {
+    match value {
+        Value::String(s) => Ok(s),
+        Value::Object(o) if o.contains_key("path") || o.contains_key("bytes") => {
+            if o.get("bytes").is_some_and(|b| !b.is_null()) {
+                return Err(RecordProblem::invalid(
+                    format!("{field}.bytes"),
+                    "embedded image bytes are only read from Parquet files; give the image as a \
+                     path",
+                ));
+            }
+            match o.get("path") {
+                Some(Value::String(p)) => Ok(p),
+                None | Some(Value::Null) => Err(RecordProblem::invalid(
+                    format!("{field}.path"),
+                    "the image has neither bytes nor a path",
+                )),
+                Some(other) => Err(RecordProblem::invalid(
+                    format!("{field}.path"),
+                    format!("expected a string, found {}", json_type(other)),
+                )),
+            }
+        }
+        other => Err(RecordProblem::invalid(
+            field,
+            format!(
+                "expected an image path (or a list of image paths), found {}",
+                json_type(other)
+            ),
+        )),
+    }
 }
 
 /// Splits `text` at `placeholder` into text and image parts (see the module docs for the
@@ -307,7 +469,7 @@ fn push_text_between(parts: &mut Vec<Part>, piece: &str, after_image: bool, befo
     parts.push(Part::Text(s.to_string()));
 }
 
-struct RoleTable {
+pub(super) struct RoleTable {
     /// Field holding the role in each turn.
     key: &'static str,
     /// (name in the data, role)
@@ -336,7 +498,7 @@ const VLQUERY_ROLES: RoleTable = RoleTable {
     ],
 };
 
-const TEXT_ROLES: RoleTable = RoleTable {
+pub(super) const TEXT_ROLES: RoleTable = RoleTable {
     key: "role",
     names: &[
         ("user", Role::User),
@@ -345,7 +507,7 @@ const TEXT_ROLES: RoleTable = RoleTable {
     ],
 };
 
-fn parse_role(table: &RoleTable, name: &str, field: String) -> Res<Role> {
+pub(super) fn parse_role(table: &RoleTable, name: &str, field: String) -> Res<Role> {
     table
         .names
         .iter()
@@ -397,13 +559,14 @@ fn parse_from_value(
         messages,
         rejected: None,
         label: None,
+        ranked_below: Vec::new(),
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
 }
 
 /// The answer text of `field`, which may not hold image placeholders.
-fn get_answer<'a>(obj: &'a Map<String, Value>, field: &str) -> Res<&'a str> {
+pub(super) fn get_answer<'a>(obj: &'a Map<String, Value>, field: &str) -> Res<&'a str> {
     let text = get_str(obj, field, field)?;
     if text.contains(IMAGE_PLACEHOLDER) {
         return Err(RecordProblem::invalid(
@@ -416,7 +579,7 @@ fn get_answer<'a>(obj: &'a Map<String, Value>, field: &str) -> Res<&'a str> {
 
 /// A single-turn preference record: `image` or `images` (optional), `prompt` with optional
 /// `<image>` placeholders, and `answer` as the assistant turn.
-fn prompt_answer_record(
+pub(super) fn prompt_answer_record(
     obj: &Map<String, Value>,
     image_root: &Path,
     answer: &str,
@@ -443,6 +606,7 @@ fn prompt_answer_record(
         ],
         rejected,
         label,
+        ranked_below: Vec::new(),
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -455,10 +619,118 @@ fn parse_plain_dpo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRec
     prompt_answer_record(obj, image_root, chosen, Some(rejected.to_string()), None)
 }
 
+/// `{image | images, prompt, responses [, scores]}` or Vision-LLM-Alignment's
+/// `{image, conversations: [{from: human, value}, {from: gpt, value: [answers]}]}`.
+fn parse_ranked(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+    let text_list = |value: &Value, field: &str| -> Res<Vec<String>> {
+        let items = value.as_array().ok_or_else(|| {
+            RecordProblem::invalid(
+                field,
+                format!("expected a list of answers, found {}", json_type(value)),
+            )
+        })?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let text = item.as_str().ok_or_else(|| {
+                RecordProblem::invalid(
+                    format!("{field}[{i}]"),
+                    format!("expected a string, found {}", json_type(item)),
+                )
+            })?;
+            if text.contains(IMAGE_PLACEHOLDER) {
+                return Err(RecordProblem::invalid(
+                    format!("{field}[{i}]"),
+                    format!("answers cannot hold images (`{IMAGE_PLACEHOLDER}`)"),
+                ));
+            }
+            out.push(text.to_string());
+        }
+        if out.len() < 2 {
+            return Err(RecordProblem::invalid(
+                field,
+                format!(
+                    "a ranked list needs at least two answers, found {}",
+                    out.len()
+                ),
+            ));
+        }
+        Ok(out)
+    };
+    let (question, answers) = if let Some(turns) = obj.get("conversations") {
+        let turns = turns.as_array().filter(|t| t.len() == 2).ok_or_else(|| {
+            RecordProblem::invalid(
+                "conversations",
+                "expected [{\"from\": \"human\", ...}, {\"from\": \"gpt\", \"value\": [answers]}]",
+            )
+        })?;
+        let question = turns[0]
+            .get("value")
+            .and_then(Value::as_str)
+            .ok_or_else(|| RecordProblem::invalid("conversations[0].value", "expected a string"))?;
+        let value = turns[1]
+            .get("value")
+            .ok_or_else(|| RecordProblem::invalid("conversations[1].value", "missing"))?;
+        let answers = text_list(value, "conversations[1].value")?;
+        (question.to_string(), answers)
+    } else {
+        let value = obj
+            .get("responses")
+            .ok_or_else(|| RecordProblem::invalid("responses", "missing"))?;
+        let mut answers = text_list(value, "responses")?;
+        if let Some(scores) = obj.get("scores") {
+            let scores: Vec<f64> = scores
+                .as_array()
+                .map(|s| s.iter().filter_map(Value::as_f64).collect())
+                .filter(|s: &Vec<f64>| s.len() == answers.len() && s.iter().all(|v| v.is_finite()))
+                .ok_or_else(|| {
+                    RecordProblem::invalid(
+                        "scores",
+                        format!(
+                            "expected {} finite numbers, one per response",
+                            answers.len()
+                        ),
+                    )
+                })?;
+            let mut order: Vec<usize> = (0..answers.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            if order.windows(2).any(|w| scores[w[0]] == scores[w[1]]) {
+                return Err(RecordProblem::invalid(
+                    "scores",
+                    "two responses have the same score; a ranking needs distinct scores",
+                ));
+            }
+            answers = order.into_iter().map(|i| answers[i].clone()).collect();
+        }
+        let prompt = get_str(obj, "prompt", "prompt")?;
+        (prompt.to_string(), answers)
+    };
+    let mut prompt_obj = obj.clone();
+    prompt_obj.insert("prompt".into(), Value::String(question));
+    let mut rest = answers.into_iter();
+    let best = rest.next().unwrap_or_default();
+    let second = rest.next();
+    let mut rec = prompt_answer_record(&prompt_obj, image_root, &best, second, None)?;
+    rec.ranked_below = rest.collect();
+    Ok(rec)
+}
+
 /// `{image | images, prompt, completion, label}`.
 fn parse_unpaired(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
+    let conversational = ["prompt", "completion"]
+        .iter()
+        .any(|k| obj.get(*k).is_some_and(Value::is_array));
+    if conversational {
+        let label = parse_label(obj)?;
+        return preference::parse_conversational_unpaired(obj, image_root, label);
+    }
     let completion = get_answer(obj, "completion")?;
-    let label = match obj.get("label") {
+    let label = parse_label(obj)?;
+    prompt_answer_record(obj, image_root, completion, None, Some(label))
+}
+
+/// The `label` of an unpaired record.
+fn parse_label(obj: &Map<String, Value>) -> Res<bool> {
+    Ok(match obj.get("label") {
         Some(Value::Bool(b)) => *b,
         Some(other) => {
             return Err(RecordProblem::invalid(
@@ -472,8 +744,7 @@ fn parse_unpaired(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
                 "missing (true for a desirable completion, false for an undesirable one)",
             ))
         }
-    };
-    prompt_answer_record(obj, image_root, completion, None, Some(label))
+    })
 }
 
 /// Instruct-Flamingo: `{input, output}`, images inline in `input` as `<img_path>p<img_path>`.
@@ -526,61 +797,29 @@ fn parse_flamingo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
         ],
         rejected: None,
         label: None,
+        ranked_below: Vec::new(),
     })
 }
 
 /// OpenAI / TRL style `{messages: [{role, content}], images}`.
 fn parse_text(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> {
-    let (images, image_fields) = parse_image_list(obj, "images", image_root)?;
-    let mut images = Images {
-        paths: images,
-        fields: image_fields,
-    };
+    let (paths, fields) = parse_image_list(obj, "images", image_root)?;
+    let mut images = Images { paths, fields };
     let has_list = obj.get("images").is_some_and(|v| !v.is_null());
     let turns = get_array(obj, "messages")?;
     let mut messages = Vec::with_capacity(turns.len());
     let mut inline = InlineImages::default();
     for (i, turn) in turns.iter().enumerate() {
         let field = format!("messages[{i}]");
-        let t = turn.as_object().ok_or_else(|| {
-            RecordProblem::invalid(
-                &field,
-                format!("expected an object, found {}", json_type(turn)),
-            )
-        })?;
-        let role_name = get_str(t, "role", &format!("{field}.role"))?;
-        let role = parse_role(&TEXT_ROLES, role_name, format!("{field}.role"))?;
-        let content = match t.get("content") {
-            Some(Value::String(s)) => split_placeholders(s, IMAGE_PLACEHOLDER),
-            Some(Value::Array(items)) => {
-                parse_content_items(items, &field, image_root, &mut inline, &mut images)?
-            }
-            None => {
-                return Err(RecordProblem::invalid(
-                    format!("{field}.content"),
-                    "missing",
-                ))
-            }
-            Some(other) => {
-                return Err(RecordProblem::invalid(
-                    format!("{field}.content"),
-                    format!(
-                        "expected a string or a list of content items, found {}",
-                        json_type(other)
-                    ),
-                ))
-            }
-        };
-        messages.push(Message { role, content });
+        messages.push(parse_message(
+            turn,
+            &field,
+            image_root,
+            &mut inline,
+            &mut images,
+        )?);
     }
-    if inline.with_path > 0 && (has_list || inline.without_path > 0) {
-        return Err(RecordProblem::new(
-            RecordErrorKind::ImageCount,
-            "images",
-            "image paths are given both inline in content items and in the `images` list (or \
-             only some items have one); use one or the other",
-        ));
-    }
+    inline.check(has_list)?;
     let mut rec = ParsedRecord {
         id: None,
         images: images.paths,
@@ -588,26 +827,84 @@ fn parse_text(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> 
         messages,
         rejected: None,
         label: None,
+        ranked_below: Vec::new(),
     };
     place_images(&mut rec, "images", IMAGE_PLACEHOLDER)?;
     Ok(rec)
 }
 
+/// One `{"role", "content"}` message (`text` format and TRL's conversational formats), at
+/// `field` (`messages[2]`); `content` is a string with optional `<image>` placeholders or a list
+/// of content items. Inline image paths are added to `images`.
+pub(super) fn parse_message(
+    turn: &Value,
+    field: &str,
+    image_root: &Path,
+    inline: &mut InlineImages,
+    images: &mut Images,
+) -> Res<Message> {
+    let t = turn.as_object().ok_or_else(|| {
+        RecordProblem::invalid(
+            field,
+            format!("expected an object, found {}", json_type(turn)),
+        )
+    })?;
+    let role_name = get_str(t, "role", &format!("{field}.role"))?;
+    let role = parse_role(&TEXT_ROLES, role_name, format!("{field}.role"))?;
+    let content = match t.get("content") {
+        Some(Value::String(s)) => split_placeholders(s, IMAGE_PLACEHOLDER),
+        Some(Value::Array(items)) => parse_content_items(items, field, image_root, inline, images)?,
+        None => {
+            return Err(RecordProblem::invalid(
+                format!("{field}.content"),
+                "missing",
+            ))
+        }
+        Some(other) => {
+            return Err(RecordProblem::invalid(
+                format!("{field}.content"),
+                format!(
+                    "expected a string or a list of content items, found {}",
+                    json_type(other)
+                ),
+            ))
+        }
+    };
+    Ok(Message { role, content })
+}
+
 /// Image parts of `text`-format content lists, with or without an inline path.
 #[derive(Default)]
-struct InlineImages {
+pub(super) struct InlineImages {
     with_path: usize,
     without_path: usize,
 }
 
+impl InlineImages {
+    /// Rejects a record mixing inline image paths with an `images` list or with path-less image
+    /// items.
+    pub(super) fn check(&self, has_list: bool) -> Res<()> {
+        if self.with_path > 0 && (has_list || self.without_path > 0) {
+            return Err(RecordProblem::new(
+                RecordErrorKind::ImageCount,
+                "images",
+                "image paths are given both inline in content items and in the `images` list \
+                 (or only some items have one); use one or the other",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Image paths collected so far, with the field each came from.
-struct Images {
-    paths: Vec<PathBuf>,
-    fields: Vec<String>,
+#[derive(Default)]
+pub(super) struct Images {
+    pub(super) paths: Vec<PathBuf>,
+    pub(super) fields: Vec<String>,
 }
 
 /// Parses a `text`-format content list (`[{"type": "image"}, {"type": "text", "text": ..}]`).
-fn parse_content_items(
+pub(super) fn parse_content_items(
     items: &[Value],
     field: &str,
     image_root: &Path,
@@ -659,7 +956,11 @@ fn parse_content_items(
 
 /// Checks the image-part count against the images; inserts images at the start of the first user
 /// turn when the record has no placeholder at all.
-fn place_images(rec: &mut ParsedRecord, image_field: &str, placeholder: &str) -> Res<()> {
+pub(super) fn place_images(
+    rec: &mut ParsedRecord,
+    image_field: &str,
+    placeholder: &str,
+) -> Res<()> {
     let parts: usize = rec.messages.iter().map(Message::num_images).sum();
     let n = rec.images.len();
     if parts == 0 && n > 0 {
@@ -689,7 +990,7 @@ fn place_images(rec: &mut ParsedRecord, image_field: &str, placeholder: &str) ->
 /// Checks the turn structure: an optional system turn first, then user / assistant alternating,
 /// starting with user, with at least one assistant turn. A final user turn (without an answer) is
 /// allowed.
-pub fn check_roles(messages: &[Message], field: fn(usize) -> String) -> Res<()> {
+pub fn check_roles(messages: &[Message], field: &dyn Fn(usize) -> String) -> Res<()> {
     if messages.is_empty() {
         return Err(RecordProblem::new(
             RecordErrorKind::RoleOrder,

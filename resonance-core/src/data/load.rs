@@ -1,4 +1,9 @@
-//! Reading dataset files (JSON arrays and JSON lines) into [`Conversation`]s.
+//! Reading dataset files (JSON arrays, JSON lines and Parquet) into [`Conversation`]s.
+//!
+//! A source record gives one conversation, except in `vlfeedback_paired`, where it gives one per
+//! selected preference pair (each with the record's file and line). A record from which no pair
+//! can be formed is skipped and counted under [`RecordErrorKind::NoPair`] whatever the
+//! [`OnError`] policy: that is a property of the data, not a defect.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +15,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::{DataError, RecordErrorKind};
-use super::format::{parse_record, DataFormat, RecordProblem};
+use super::format::{parse_records, DataFormat, ParseOptions, RecordProblem, LARGEST_GAP};
+use super::parquet;
 use super::record::{Conversation, RecordSource};
 
 /// What to do with a bad record.
@@ -28,7 +34,7 @@ pub enum OnError {
 pub const MAX_SKIPPED_EXAMPLES: usize = 5;
 
 /// How to read one dataset file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     /// The record format.
     pub format: DataFormat,
@@ -38,6 +44,12 @@ pub struct LoadOptions {
     pub on_error: OnError,
     /// Check that every image file exists (`true` by default).
     pub check_images: bool,
+    /// `vlfeedback_paired`: the minimum score gap of a kept pair, or [`LARGEST_GAP`] (`-1`, the
+    /// default) for the largest-gap pairs of each record. Ignored by the other formats.
+    pub score_margin: f64,
+    /// Where images embedded in Parquet rows are cached; `None`:
+    /// [`default_image_cache_dir`](super::parquet::default_image_cache_dir).
+    pub image_cache: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +59,8 @@ impl Default for LoadOptions {
             image_root: None,
             on_error: OnError::default(),
             check_images: true,
+            score_margin: LARGEST_GAP,
+            image_cache: None,
         }
     }
 }
@@ -77,12 +91,24 @@ impl LoadOptions {
         self.check_images = check;
         self
     }
+
+    /// Sets the `vlfeedback_paired` score margin.
+    pub fn score_margin(mut self, margin: f64) -> Self {
+        self.score_margin = margin;
+        self
+    }
+
+    /// Sets the directory images embedded in Parquet rows are cached in.
+    pub fn image_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.image_cache = Some(dir.into());
+        self
+    }
 }
 
 /// One skipped record, kept as an example in the [`LoadReport`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRecord {
-    /// 1-based line.
+    /// 1-based line (Parquet: row).
     pub line: usize,
     /// Why it was skipped.
     pub kind: RecordErrorKind,
@@ -95,10 +121,13 @@ pub struct SkippedRecord {
 pub struct LoadReport {
     /// The data file.
     pub path: PathBuf,
-    /// Records seen (good and bad).
+    /// Source records seen (good and bad): JSON lines / array elements / Parquet rows.
     pub read: usize,
-    /// Records kept.
+    /// Source records that gave at least one conversation.
     pub loaded: usize,
+    /// Conversations produced: `loaded`, except for formats that give several per record
+    /// (`vlfeedback_paired`: one per preference pair).
+    pub conversations: usize,
     /// Skipped records per reason.
     pub skipped: BTreeMap<RecordErrorKind, usize>,
     /// The first [`MAX_SKIPPED_EXAMPLES`] skipped records.
@@ -131,12 +160,15 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} records read, {} loaded, {} skipped",
+            "{}: {} records read, {} loaded",
             self.path.display(),
             self.read,
             self.loaded,
-            self.skipped_total()
         )?;
+        if self.conversations != self.loaded {
+            write!(f, " ({} conversations)", self.conversations)?;
+        }
+        write!(f, ", {} skipped", self.skipped_total())?;
         if !self.skipped.is_empty() {
             let per: Vec<String> = self
                 .skipped
@@ -177,12 +209,17 @@ impl Dataset {
     }
 }
 
-/// Reads a dataset file. JSON array or JSON lines is decided by the content (first non-blank
-/// character `[` or `{`), not the extension.
+/// Reads a dataset file. A file ending in `.parquet` is read as Parquet (see
+/// [`super::parquet`]; its "lines" are 1-based row numbers); otherwise JSON array or JSON lines
+/// is decided by the content (first non-blank character `[` or `{`), not the extension.
 ///
-/// Errors: the file cannot be read, a JSON array has a syntax error (fatal under any policy), the
-/// file has no record at all, or (under [`OnError::Fail`]) the first bad record.
+/// Errors: the file cannot be read (or is not readable Parquet), a JSON array has a syntax
+/// error (fatal under any policy), the file has no record at all, an embedded image cannot be
+/// cached, or (under [`OnError::Fail`]) the first bad record.
 pub fn load_dataset(path: &Path, options: &LoadOptions) -> Result<Dataset, DataError> {
+    if parquet::is_parquet(path) {
+        return load_parquet(path, options);
+    }
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -193,21 +230,7 @@ pub fn load_dataset(path: &Path, options: &LoadOptions) -> Result<Dataset, DataE
 /// Like [`load_dataset`] on text already in memory; `path` is used for messages, the default
 /// image root and the dataset name.
 pub fn parse_dataset(text: &str, path: &Path, options: &LoadOptions) -> Result<Dataset, DataError> {
-    let image_root = match &options.image_root {
-        Some(r) => r.clone(),
-        None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
-    };
-    let file: Arc<Path> = Arc::from(path);
-    let mut ctx = Ctx {
-        file,
-        options,
-        image_root,
-        report: LoadReport {
-            path: path.to_path_buf(),
-            ..LoadReport::default()
-        },
-        records: Vec::new(),
-    };
+    let mut ctx = Ctx::new(path, options);
     let body = text.strip_prefix('\u{feff}').unwrap_or(text);
     let bom = text.len() - body.len();
     let first = body.char_indices().find(|(_, c)| !c.is_whitespace());
@@ -235,37 +258,86 @@ pub fn parse_dataset(text: &str, path: &Path, options: &LoadOptions) -> Result<D
             });
         }
     }
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
-    let Ctx {
-        records, report, ..
-    } = ctx;
-    Ok(Dataset {
-        name,
-        path: path.to_path_buf(),
-        records,
-        report,
-    })
+    Ok(ctx.finish(path))
+}
+
+/// Reads a Parquet file row by row (see [`super::parquet`]).
+fn load_parquet(path: &Path, options: &LoadOptions) -> Result<Dataset, DataError> {
+    let mut ctx = Ctx::new(path, options);
+    let cache = options
+        .image_cache
+        .clone()
+        .unwrap_or_else(parquet::default_image_cache_dir);
+    let rows = parquet::read_rows(path, &cache, |row, value| {
+        let outcome = ctx.convert(&value, row);
+        ctx.handle(outcome)
+    })?;
+    if rows == 0 {
+        return Err(DataError::Parquet {
+            path: path.to_path_buf(),
+            row: None,
+            message: "the file contains no rows".into(),
+        });
+    }
+    Ok(ctx.finish(path))
 }
 
 struct Ctx<'a> {
     file: Arc<Path>,
     options: &'a LoadOptions,
+    parse: ParseOptions,
     image_root: PathBuf,
     report: LoadReport,
     records: Vec<Conversation>,
 }
 
-impl Ctx<'_> {
-    /// Handles the outcome of one record according to the policy.
-    fn handle(&mut self, outcome: Result<Conversation, DataError>) -> Result<(), DataError> {
+impl<'a> Ctx<'a> {
+    fn new(path: &Path, options: &'a LoadOptions) -> Self {
+        let image_root = match &options.image_root {
+            Some(r) => r.clone(),
+            None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        Ctx {
+            file: Arc::from(path),
+            options,
+            parse: ParseOptions {
+                score_margin: options.score_margin,
+            },
+            image_root,
+            report: LoadReport {
+                path: path.to_path_buf(),
+                ..LoadReport::default()
+            },
+            records: Vec::new(),
+        }
+    }
+
+    fn finish(self, path: &Path) -> Dataset {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Dataset {
+            name,
+            path: path.to_path_buf(),
+            records: self.records,
+            report: self.report,
+        }
+    }
+
+    /// Handles the outcome of one source record according to the policy; records without a
+    /// preference pair are skipped under any policy.
+    fn handle(&mut self, outcome: Result<Vec<Conversation>, DataError>) -> Result<(), DataError> {
         self.report.read += 1;
         match outcome {
             Ok(c) => {
                 self.report.loaded += 1;
-                self.records.push(c);
+                self.report.conversations += c.len();
+                self.records.extend(c);
+                Ok(())
+            }
+            Err(e) if e.kind() == Some(RecordErrorKind::NoPair) => {
+                self.report.skip(&e);
                 Ok(())
             }
             Err(e) => match self.options.on_error {
@@ -289,32 +361,36 @@ impl Ctx<'_> {
         }
     }
 
-    fn convert(&self, value: &Value, line: usize) -> Result<Conversation, DataError> {
-        let rec = parse_record(self.options.format, value, &self.image_root)
+    fn convert(&self, value: &Value, line: usize) -> Result<Vec<Conversation>, DataError> {
+        let recs = parse_records(self.options.format, value, &self.image_root, &self.parse)
             .map_err(|p| self.record_error(line, p))?;
-        if self.options.check_images {
-            for (img, field) in rec.images.iter().zip(&rec.image_fields) {
-                if !img.is_file() {
-                    return Err(self.record_error(
-                        line,
-                        RecordProblem {
-                            kind: RecordErrorKind::MissingImage,
-                            field: Some(field.clone()),
-                            message: format!("image file not found: {}", img.display()),
-                        },
-                    ));
+        let mut out = Vec::with_capacity(recs.len());
+        for rec in recs {
+            if self.options.check_images {
+                for (img, field) in rec.images.iter().zip(&rec.image_fields) {
+                    if !img.is_file() {
+                        return Err(self.record_error(
+                            line,
+                            RecordProblem {
+                                kind: RecordErrorKind::MissingImage,
+                                field: Some(field.clone()),
+                                message: format!("image file not found: {}", img.display()),
+                            },
+                        ));
+                    }
                 }
             }
+            out.push(Conversation {
+                id: rec.id,
+                images: rec.images,
+                messages: rec.messages,
+                rejected: rec.rejected,
+                ranked_below: rec.ranked_below,
+                label: rec.label,
+                source: RecordSource::new(self.file.clone(), line),
+            });
         }
-        Ok(Conversation {
-            id: rec.id,
-            images: rec.images,
-            messages: rec.messages,
-            rejected: rec.rejected,
-            ranked_below: Vec::new(),
-            label: rec.label,
-            source: RecordSource::new(self.file.clone(), line),
-        })
+        Ok(out)
     }
 }
 
