@@ -304,3 +304,100 @@ fn ranked_lists_train_with_plackett_luce_and_one_image_encoding_per_list() {
     // Accuracy counts the 3 ordered pairs of every list.
     assert!(mean(last, "accuracy") > 0.8, "{}", mean(last, "accuracy"));
 }
+
+/// Rewards of `model_dir`'s model on the fixture batch, pooled as the trainer pools.
+fn fixture_rewards(model_dir: &Path, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Vec<f32> {
+    use resonance_models::registry::ModelInputs;
+    use resonance_models::trainable::TrainableModel;
+    let device = Device::flex();
+    let AnyModel::Text(model, _) = AnyModel::load(model_dir, &device).expect("loads") else {
+        panic!("a text model");
+    };
+    let values = model
+        .values_grouped(
+            ModelInputs {
+                input_ids: ids,
+                attention_mask: mask,
+                pixel_values: None,
+            },
+            1,
+            &device,
+        )
+        .unwrap();
+    let pad = resonance_train::reward::config_pad_token_id(model_dir).unwrap();
+    let pool: Vec<usize> = ids
+        .iter()
+        .zip(mask)
+        .map(|(row, m)| {
+            let len = m.iter().filter(|&&v| v).count();
+            resonance_train::reward::pool_position(&row[..len], pad)
+        })
+        .collect();
+    resonance_train::reward::pooled_rewards(values, &pool)
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn transformers_sequence_classifier_rewards_match_and_export_round_trips() {
+    let fixture = root().join("fixtures/reward");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).unwrap())
+            .unwrap();
+    let ids: Vec<Vec<u32>> = expected["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let mask: Vec<Vec<bool>> = expected["attention_mask"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64() == Some(1))
+                .collect()
+        })
+        .collect();
+    let want: Vec<f64> = expected["rewards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // A transformers `LlamaForSequenceClassification` (no lm_head, `score.weight`) loads as a
+    // reward model and gives transformers' rewards, EOS-final and pad-inside rows included.
+    let model_dir = fixture.join("tiny-llama-reward");
+    let got = fixture_rewards(&model_dir, &ids, &mask);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-4, "{got:?} vs {want:?}");
+    }
+
+    // Exported again, it keeps transformers' layout and gives the same rewards.
+    let device = Device::flex();
+    let AnyModel::Text(model, _) = AnyModel::load(&model_dir, &device).unwrap() else {
+        panic!("a text model");
+    };
+    let out = tempfile::tempdir().unwrap();
+    resonance_train::checkpoint::save_hf_model(&*model, &model_dir, out.path()).unwrap();
+    let bytes = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
+    assert!(names.iter().any(|n| n == "score.weight"));
+    assert!(!names.iter().any(|n| n.starts_with("lm_head")), "{names:?}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(fixture_rewards(out.path(), &ids, &mask), got);
+}
