@@ -15,7 +15,10 @@ use resonance_models::load::resolve_model;
 use resonance_models::processor::Processor;
 use resonance_models::registry::{architectures, AnyModel};
 use resonance_train::data_check::check_data;
-use resonance_train::score::{read_score_records, reward_records, score_records};
+use resonance_train::score::{
+    pair_reference_logps, read_score_records, reward_records, score_records, with_reference_logps,
+    PairScoring,
+};
 use resonance_train::trainer::{merge_lora, train, Resume, TrainOptions};
 
 use backend::BackendKind;
@@ -54,6 +57,17 @@ enum Command {
         /// instead of its log-probabilities.
         #[arg(long)]
         reward: bool,
+        /// Precompute DPO's reference log-probs: `--data` is a JSON-lines preference file of
+        /// this format (plain_dpo, rlhfv, conversational_preference); the output is that file
+        /// with `ref_chosen_logps` / `ref_rejected_logps` added to every record.
+        #[arg(long, value_name = "FORMAT")]
+        pairs: Option<String>,
+        /// With --pairs: the training run's data.max_length.
+        #[arg(long, default_value_t = 2048)]
+        max_length: usize,
+        /// With --pairs: the training run's data.max_prompt_length.
+        #[arg(long)]
+        max_prompt_length: Option<usize>,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
     },
@@ -282,8 +296,44 @@ fn run(cli: Cli) -> Result<()> {
             output,
             batch_size,
             reward,
+            pairs,
+            max_length,
+            max_prompt_length,
             backend,
         } => {
+            if let Some(format) = pairs {
+                let format: resonance_core::data::DataFormat =
+                    serde_json::from_value(serde_json::Value::String(format.clone()))
+                        .map_err(|_| anyhow::anyhow!("--pairs {format}: not a data format"))?;
+                let (model, processor, device) = load(&model, backend)?;
+                let count = std::fs::read_to_string(&data)
+                    .with_context(|| format!("reading {}", data.display()))?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .count();
+                let bar = ProgressBar::new(count as u64);
+                let values = pair_reference_logps(
+                    &model,
+                    &processor,
+                    &data,
+                    &PairScoring {
+                        format,
+                        image_root,
+                        max_length,
+                        max_prompt_length,
+                    },
+                    batch_size,
+                    &device,
+                    |n| bar.inc(n as u64),
+                )?;
+                bar.finish_and_clear();
+                let text = with_reference_logps(&data, &values)?;
+                match output {
+                    Some(path) => write_atomically(&path, text.as_bytes())?,
+                    None => std::io::stdout().write_all(text.as_bytes())?,
+                }
+                return Ok(());
+            }
             let records = read_score_records(&data)?;
             let model_dir = resolve_model(&model)?;
             let (model, processor, device) = load(&model, backend)?;

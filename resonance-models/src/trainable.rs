@@ -55,6 +55,9 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
         device: &Device,
     ) -> Result<Tensor<3>>;
 
+    /// This architecture's model out of a loaded checkpoint, or `None` for another architecture.
+    fn from_any(model: crate::registry::AnyModel) -> Option<Self>;
+
     /// The decoder that turns hidden states into logits and values.
     fn decoder(&self) -> &CausalLm;
 
@@ -146,6 +149,13 @@ impl TrainableModel for CausalLm {
         Ok(self.hidden_states(embeds, &decoder_inputs, None))
     }
 
+    fn from_any(model: crate::registry::AnyModel) -> Option<Self> {
+        match model {
+            crate::registry::AnyModel::Text(m, _) => Some(*m),
+            _ => None,
+        }
+    }
+
     fn decoder(&self) -> &CausalLm {
         self
     }
@@ -203,6 +213,13 @@ impl TrainableModel for Llava {
         Ok(self
             .language_model
             .hidden_states(embeds, &decoder_inputs, None))
+    }
+
+    fn from_any(model: crate::registry::AnyModel) -> Option<Self> {
+        match model {
+            crate::registry::AnyModel::Llava(m, _) => Some(*m),
+            _ => None,
+        }
     }
 
     fn decoder(&self) -> &CausalLm {

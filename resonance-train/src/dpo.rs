@@ -32,6 +32,8 @@ pub struct PairExample {
     pub images: Vec<PathBuf>,
     /// Unpaired (KTO) records: whether `chosen` is desirable.
     pub label: Option<bool>,
+    /// Precomputed reference log-probs `[chosen, rejected]`, when the record has them.
+    pub reference_logps: Option<[f64; 2]>,
     pub source: RecordSource,
 }
 
@@ -103,6 +105,9 @@ pub fn encode_pair(
         Some(text) => processor.response_ids(text)?,
         None => Vec::new(),
     };
+    if conversation.reference_logps.is_some() && (chosen.len() > room || rejected.len() > room) {
+        return Ok(Err(Refusal::ReferenceTruncated { max_length }));
+    }
     chosen.truncate(room);
     rejected.truncate(room);
     Ok(Ok(PairExample {
@@ -111,6 +116,7 @@ pub fn encode_pair(
         rejected,
         images: conversation.images.clone(),
         label: conversation.label,
+        reference_logps: conversation.reference_logps,
         source: conversation.source.clone(),
     }))
 }
@@ -524,6 +530,7 @@ mod tests {
             rejected: vec![8, 9, 2],
             images: vec![PathBuf::from("a.png")],
             label: None,
+            reference_logps: None,
             source,
         };
         let batch = PairBatch::collate(&[pair], 0);
@@ -544,6 +551,7 @@ mod tests {
             rejected,
             images: Vec::new(),
             label: None,
+            reference_logps: None,
             source: source.clone(),
         };
         // "the cat sat on the mat </s>" vs "the dog sat on the mat </s>": one replaced word.

@@ -254,3 +254,128 @@ pub fn reward_records(
     }
     Ok(outputs)
 }
+
+/// How `score` reads preference pairs to precompute the reference log-probs of DPO.
+#[derive(Debug, Clone)]
+pub struct PairScoring {
+    /// The paired format of the data file (`plain_dpo`, `rlhfv`, `conversational_preference`).
+    pub format: resonance_core::data::DataFormat,
+    /// Image folder (default: the data file's folder).
+    pub image_root: Option<PathBuf>,
+    /// The training run's `data.max_length`: the answers are cut exactly as training cuts them.
+    pub max_length: usize,
+    /// The training run's `data.max_prompt_length`.
+    pub max_prompt_length: Option<usize>,
+}
+
+/// The reference log-probs `[chosen, rejected]` of every pair of a JSON-lines preference file,
+/// computed through DPO's own encoding and batching (so that training reads back exactly what
+/// its reference model would give), with the line each belongs to.
+pub fn pair_reference_logps(
+    model: &AnyModel,
+    processor: &Processor,
+    data: &Path,
+    options: &PairScoring,
+    batch_size: usize,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<(usize, [f64; 2])>> {
+    use resonance_core::data::{load_dataset, LoadOptions};
+    if data.extension().is_some_and(|e| e != "jsonl") {
+        return Err(TrainError::Input(format!(
+            "{}: reference log-probs are written into JSON-lines files (.jsonl)",
+            data.display()
+        )));
+    }
+    if !options.format.is_paired() || options.format.is_one_to_many() {
+        return Err(TrainError::Input(format!(
+            "--format {}: reference log-probs are written for one-pair-per-line formats \
+             (plain_dpo, rlhfv, conversational_preference)",
+            options.format
+        )));
+    }
+    let mut load = LoadOptions::new(options.format);
+    if let Some(root) = &options.image_root {
+        load = load.image_root(root);
+    }
+    let dataset = load_dataset(data, &load).map_err(|e| TrainError::Input(e.to_string()))?;
+    let pad = padding_id(processor);
+    let mut out = Vec::with_capacity(dataset.records.len());
+    for chunk in dataset.records.chunks(batch_size.max(1)) {
+        let mut pairs = Vec::with_capacity(chunk.len());
+        for conversation in chunk {
+            // Marked as precomputed, the record is refused (not cut) when an answer does not fit,
+            // exactly as training will refuse it; values already in the file are recomputed.
+            let mut marked = conversation.clone();
+            marked.reference_logps = Some([0.0, 0.0]);
+            match crate::dpo::encode_pair(
+                processor,
+                &marked,
+                options.max_length,
+                options.max_prompt_length,
+            )? {
+                Ok(pair) => pairs.push(pair),
+                Err(refusal) => {
+                    return Err(TrainError::Record {
+                        path: conversation.source.file.to_path_buf(),
+                        line: conversation.source.line,
+                        message: format!(
+                            "{refusal}; give --max-length / --max-prompt-length as the run's data \
+                             section has them"
+                        ),
+                    })
+                }
+            }
+        }
+        let batch = crate::dpo::PairBatch::collate(&pairs, pad);
+        let pixel_values = processor.pixel_values(&batch.images, device)?;
+        let inputs = ModelInputs {
+            input_ids: &batch.input_ids,
+            attention_mask: &batch.attention_mask,
+            pixel_values,
+        };
+        let logits = match model {
+            AnyModel::Text(m, _) => m.forward_pairs(inputs, device)?,
+            AnyModel::Llava(m, _) => m.forward_pairs(inputs, device)?,
+        };
+        let values: Vec<f32> = crate::logprobs::sequence_logps(logits, &batch.targets)
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| TrainError::Input(format!("reading log-probs: {e:?}")))?;
+        let n = pairs.len();
+        for (i, pair) in pairs.iter().enumerate() {
+            out.push((pair.source.line, [values[i] as f64, values[n + i] as f64]));
+        }
+        progress(n);
+    }
+    Ok(out)
+}
+
+/// The lines of a JSON-lines preference file with `ref_chosen_logps` / `ref_rejected_logps`
+/// set from `values` (by line); other lines are kept as they are.
+pub fn with_reference_logps(data: &Path, values: &[(usize, [f64; 2])]) -> Result<String> {
+    let text = std::fs::read_to_string(data).map_err(|source| TrainError::Io {
+        path: data.to_path_buf(),
+        source,
+    })?;
+    let by_line: std::collections::HashMap<usize, [f64; 2]> = values.iter().copied().collect();
+    let mut out = String::with_capacity(text.len() + values.len() * 64);
+    for (i, line) in text.lines().enumerate() {
+        match by_line.get(&(i + 1)) {
+            Some([chosen, rejected]) => {
+                let mut record: serde_json::Map<String, Value> = serde_json::from_str(line)
+                    .map_err(|e| TrainError::Record {
+                        path: data.to_path_buf(),
+                        line: i + 1,
+                        message: e.to_string(),
+                    })?;
+                record.insert("ref_chosen_logps".into(), (*chosen).into());
+                record.insert("ref_rejected_logps".into(), (*rejected).into());
+                out.push_str(&Value::Object(record).to_string());
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}

@@ -48,6 +48,11 @@ pub enum Refusal {
     NoAssistantTokens { max_length: usize },
     #[error("{0}")]
     Template(String),
+    #[error(
+        "data.max_length = {max_length} cuts an answer, so the record's precomputed reference \
+         log-probs (ref_chosen_logps / ref_rejected_logps) no longer fit it"
+    )]
+    ReferenceTruncated { max_length: usize },
 }
 
 impl Refusal {
@@ -57,6 +62,7 @@ impl Refusal {
             Refusal::ImageTokensTruncated { .. } => "image tokens truncated",
             Refusal::NoAssistantTokens { .. } => "no assistant tokens",
             Refusal::Template(_) => "chat template",
+            Refusal::ReferenceTruncated { .. } => "precomputed reference truncated",
         }
     }
 }

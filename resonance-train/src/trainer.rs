@@ -528,8 +528,39 @@ where
     };
     // DPO's reference: nothing (reference-free), the policy with its adapters switched off
     // (LoRA is all that trains), or a frozen copy of the initial weights.
+    let precomputed = precomputed_reference(&datasets)?;
+    if precomputed && config.method.name != Method::Dpo {
+        return Err(TrainError::Input(
+            "precomputed reference log-probs (ref_chosen_logps / ref_rejected_logps) are read by \
+             method.name = \"dpo\" only"
+                .into(),
+        ));
+    }
+    if precomputed
+        && config
+            .method
+            .loss_type
+            .0
+            .contains(&crate::losses::DpoLossType::Ddpo)
+    {
+        return Err(TrainError::Input(
+            "method.loss_type = \"ddpo\" weighs the reference's tokens; it cannot use \
+             precomputed reference log-probs"
+                .into(),
+        ));
+    }
     let reference = match config.method.name {
         Method::Dpo | Method::Kto if config.method.reference_free => Reference::None,
+        Method::Dpo if precomputed => Reference::Precomputed,
+        Method::Dpo | Method::Kto if config.method.reference.is_some() => {
+            let path = config
+                .method
+                .reference
+                .as_ref()
+                .map(|r| r.model.as_str())
+                .unwrap_or_default();
+            Reference::Copy(Box::new(load_reference(path, &model, device)?))
+        }
         Method::Dpo | Method::Kto
             if !adapted.is_empty() && !table.keys().any(|p| trained(p) && !is_lora_path(p)) =>
         {
@@ -704,7 +735,54 @@ struct StepOutcome {
 enum Reference<M> {
     None,
     AdaptersOff,
+    /// A frozen model: the initial policy's weights or `[method.reference] model`.
     Copy(Box<M>),
+    /// Every record carries its reference log-probs (`ref_chosen_logps` / `ref_rejected_logps`).
+    Precomputed,
+}
+
+/// Whether the training records carry precomputed reference log-probs: all of them (`true`),
+/// none (`false`), or some — an error naming the first record without.
+fn precomputed_reference(datasets: &[Dataset]) -> Result<bool> {
+    let mut records = datasets.iter().flat_map(|d| &d.records);
+    let with = records
+        .clone()
+        .filter(|c| c.reference_logps.is_some())
+        .count();
+    if with == 0 {
+        return Ok(false);
+    }
+    match records.find(|c| c.reference_logps.is_none()) {
+        None => Ok(true),
+        Some(c) => Err(TrainError::Record {
+            path: c.source.file.to_path_buf(),
+            line: c.source.line,
+            message: format!(
+                "no ref_chosen_logps / ref_rejected_logps, while {with} other record(s) have them; \
+                 precomputed reference log-probs must cover every training record"
+            ),
+        }),
+    }
+}
+
+/// The frozen reference model of `[method.reference] model`, loaded without gradients.
+fn load_reference<M: TrainableModel>(reference: &str, policy: &M, device: &Device) -> Result<M> {
+    let dir = resolve_model(reference)?;
+    let loaded = AnyModel::load(&dir, &device.clone().inner())?;
+    let vocab = loaded.text_config().vocab_size;
+    let model = M::from_any(loaded).ok_or_else(|| {
+        TrainError::Input(format!(
+            "method.reference.model = {reference}: not the policy's architecture"
+        ))
+    })?;
+    let policy_vocab = policy.decoder().model.embed_tokens.weight.dims()[0];
+    if vocab != policy_vocab {
+        return Err(TrainError::Input(format!(
+            "method.reference.model = {reference}: vocabulary of {vocab} tokens, the policy's has \
+             {policy_vocab}; the reference must share the policy's tokenizer"
+        )));
+    }
+    Ok(model)
 }
 
 /// SFT: token-averaged cross-entropy over the assistant tokens of the accumulated batch.
@@ -823,6 +901,19 @@ fn dpo_step<M: TrainableModel>(
                         .iter()
                         .map(|_| Tensor::<1>::zeros([rows], &plain))
                         .collect(),
+                    Reference::Precomputed => {
+                        let values: Vec<f32> = (0..2)
+                            .flat_map(|side| {
+                                pairs.iter().map(move |p| {
+                                    p.reference_logps.map_or(f32::NAN, |r| r[side] as f32)
+                                })
+                            })
+                            .collect();
+                        vec![Tensor::<1>::from_data(
+                            burn::tensor::TensorData::new(values, [rows]),
+                            &plain,
+                        )]
+                    }
                     Reference::AdaptersOff => {
                         let _off = AdaptersDisabled::new();
                         reference_of(&model.valid())?

@@ -349,3 +349,129 @@ name = "dpo"
         "{err}"
     );
 }
+
+fn losses_of(run: &Path) -> Vec<f64> {
+    metrics(run)
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// The demo pairs with `ref_chosen_logps` / `ref_rejected_logps` from `reference`, as
+/// `resonance score --pairs plain_dpo` writes them.
+fn pairs_with_reference(reference: &Path, out: &Path) -> PathBuf {
+    use resonance_models::processor::Processor;
+    use resonance_models::registry::AnyModel;
+    use resonance_train::score::{pair_reference_logps, with_reference_logps, PairScoring};
+    let device = Device::flex();
+    let model = AnyModel::load(reference, &device).unwrap();
+    let processor = Processor::from_dir(reference, &model).unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    let values = pair_reference_logps(
+        &model,
+        &processor,
+        &data,
+        &PairScoring {
+            format: resonance_core::data::DataFormat::PlainDpo,
+            image_root: Some(root().join("data/demo/sft/images")),
+            max_length: 128,
+            max_prompt_length: None,
+        },
+        8,
+        &device,
+        |_| {},
+    )
+    .expect("scores the pairs");
+    assert_eq!(values.len(), 78);
+    let path = out.join("pairs_ref.jsonl");
+    std::fs::write(&path, with_reference_logps(&data, &values).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn precomputed_and_named_references_train_like_the_model_they_come_from() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("fixtures/tiny-llava");
+    let plain_data = root().join("data/demo/dpo/pairs.jsonl");
+    let steps = "max_steps = 6\n";
+
+    // Full fine-tuning: the reference is a frozen copy of the initial weights...
+    let copy_run = dir.path().join("copy");
+    run(&config(&plain_data, &copy_run, steps));
+    // ... or the same values precomputed into the data (`ref_chosen_logps` / ...).
+    let with_ref = pairs_with_reference(&model, dir.path());
+    let precomputed_run = dir.path().join("precomputed");
+    run(&config(&with_ref, &precomputed_run, steps));
+    let (a, b) = (losses_of(&copy_run), losses_of(&precomputed_run));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "copy {a:?} vs precomputed {b:?}");
+    }
+
+    // The precomputed values are what the loss reads: chosen references raised by 1 give the
+    // first step −logσ(β·(0 − 1)) instead of ln 2.
+    let shifted: Vec<String> = std::fs::read_to_string(&with_ref)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let c = v["ref_chosen_logps"].as_f64().unwrap();
+            v["ref_chosen_logps"] = serde_json::json!(c + 1.0);
+            v.to_string()
+        })
+        .collect();
+    let shifted_data = dir.path().join("shifted.jsonl");
+    std::fs::write(&shifted_data, shifted.join("\n") + "\n").unwrap();
+    let shifted_run = dir.path().join("shifted");
+    run(&config(&shifted_data, &shifted_run, "max_steps = 1\n"));
+    let first = losses_of(&shifted_run)[0];
+    assert!((first - (1.0 + 0.1f64.exp()).ln()).abs() < 1e-5, "{first}");
+
+    // LoRA: the adapters-off reference, or the same base named in [method.reference].
+    let lora = "max_steps = 4\n[lora]\nenabled = true\nrank = 8\nalpha = 16.0\n";
+    let off_run = dir.path().join("off");
+    run(&config(&plain_data, &off_run, lora));
+    let named_run = dir.path().join("named");
+    let mut named = config(&plain_data, &named_run, lora);
+    named.method.reference = Some(resonance_core::config::ReferenceConfig {
+        model: model.display().to_string(),
+    });
+    run(&named);
+    let (a, b) = (losses_of(&off_run), losses_of(&named_run));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "adapters off {a:?} vs named {b:?}");
+    }
+
+    // A reference of another architecture, and data with references on some records only,
+    // are refused with named errors.
+    let mut wrong = config(&plain_data, &dir.path().join("wrong"), steps);
+    wrong.method.reference = Some(resonance_core::config::ReferenceConfig {
+        model: root().join("fixtures/tiny-llama").display().to_string(),
+    });
+    let err = train(&wrong, &TrainOptions::default(), &Device::flex())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("method.reference.model"), "{err}");
+    let text = std::fs::read_to_string(&with_ref).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines[4] = std::fs::read_to_string(&plain_data)
+        .unwrap()
+        .lines()
+        .nth(4)
+        .unwrap()
+        .to_string();
+    let mixed = dir.path().join("mixed.jsonl");
+    std::fs::write(&mixed, lines.join("\n") + "\n").unwrap();
+    let err = train(
+        &config(&mixed, &dir.path().join("mixed"), steps),
+        &TrainOptions::default(),
+        &Device::flex(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("mixed.jsonl:5") && err.contains("ref_chosen_logps"),
+        "{err}"
+    );
+}

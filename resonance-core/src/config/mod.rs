@@ -459,6 +459,8 @@ pub struct MethodConfig {
     pub rpo_alpha: Option<f64>,
     /// Reward: the loss on ranked lists of more than two answers. Default `"pairwise"`.
     pub ranking_loss: RankingLoss,
+    /// DPO / KTO: the reference model, when it is not the initial policy (TRL's `ref_model`).
+    pub reference: Option<ReferenceConfig>,
     /// Reward: TRL's `center_rewards_coefficient`, the weight of `mean((r_chosen + r_rejected)²)`
     /// added to the loss to keep rewards centred on 0 (Eisenstein et al.). Default: none.
     pub center_rewards_coefficient: Option<f64>,
@@ -479,8 +481,19 @@ impl Default for MethodConfig {
             rpo_alpha: None,
             ranking_loss: RankingLoss::Pairwise,
             center_rewards_coefficient: None,
+            reference: None,
         }
     }
+}
+
+/// `[method.reference]`: a reference model other than the policy's initial weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceConfig {
+    /// A model directory in Hugging Face layout or a hub id, of the policy's architecture and
+    /// vocabulary (e.g. the SFT checkpoint the policy started from, when the policy is loaded
+    /// from elsewhere).
+    pub model: String,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::error::Problem;
-use super::{ExperimentConfig, GroupTraining, TargetModules};
+use super::{ExperimentConfig, GroupTraining, Method, TargetModules};
 use crate::data::{DataFormat, Mixing, LARGEST_GAP};
 
 /// Every problem of `cfg`, in section order.
@@ -172,6 +172,24 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
             }
             if weights.iter().any(|w| !w.is_finite()) {
                 add("method.loss_weights", "weights must be finite".into());
+            }
+        }
+        if let Some(reference) = &method.reference {
+            if !matches!(method.name, Method::Dpo | Method::Kto) {
+                add(
+                    "method.reference.model",
+                    format!(
+                        "only DPO and KTO use a reference model, not `{}`",
+                        format!("{:?}", method.name).to_lowercase()
+                    ),
+                );
+            } else if method.reference_free {
+                add(
+                    "method.reference.model",
+                    "conflicts with method.reference_free = true".into(),
+                );
+            } else if reference.model.trim().is_empty() {
+                add("method.reference.model", "is empty".into());
             }
         }
         if let Some(c) = method.center_rewards_coefficient {

@@ -180,7 +180,7 @@ impl RecordProblem {
 }
 
 /// A converted record: everything of a [`Conversation`](super::Conversation) but its source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ParsedRecord {
     /// The record id, if any.
     pub id: Option<String>,
@@ -196,6 +196,9 @@ pub struct ParsedRecord {
     pub label: Option<bool>,
     /// Ranked lists: the answers ranked below `rejected`, best first.
     pub ranked_below: Vec<String>,
+    /// Precomputed reference log-probs `[chosen, rejected]` (TRL's `ref_chosen_logps` /
+    /// `ref_rejected_logps` columns).
+    pub reference_logps: Option<[f64; 2]>,
 }
 
 pub(super) type Res<T> = Result<T, RecordProblem>;
@@ -271,6 +274,15 @@ pub fn parse_records(
         DataFormat::Ranked => vec![parse_ranked(obj, image_root)?],
     };
     let id = parse_id(obj)?;
+    if matches!(
+        format,
+        DataFormat::PlainDpo | DataFormat::Rlhfv | DataFormat::ConversationalPreference
+    ) {
+        let reference_logps = parse_reference_logps(obj)?;
+        for rec in &mut recs {
+            rec.reference_logps = reference_logps;
+        }
+    }
     let prompt_is_list = obj.get("prompt").is_some_and(Value::is_array);
     for rec in &mut recs {
         if id.is_some() {
@@ -281,6 +293,38 @@ pub fn parse_records(
         check_roles(&rec.messages, &field)?;
     }
     Ok(recs)
+}
+
+/// TRL's precomputed reference columns, `ref_chosen_logps` and `ref_rejected_logps` (both or
+/// neither; finite numbers).
+fn parse_reference_logps(obj: &Map<String, Value>) -> Res<Option<[f64; 2]>> {
+    let read = |key: &str| -> Res<Option<f64>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| {
+                    RecordProblem::invalid(
+                        key,
+                        format!("expected a finite number, found {}", json_type(v)),
+                    )
+                }),
+        }
+    };
+    match (read("ref_chosen_logps")?, read("ref_rejected_logps")?) {
+        (Some(c), Some(r)) => Ok(Some([c, r])),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(RecordProblem::invalid(
+            "ref_rejected_logps",
+            "missing while ref_chosen_logps is given",
+        )),
+        (None, Some(_)) => Err(RecordProblem::invalid(
+            "ref_chosen_logps",
+            "missing while ref_rejected_logps is given",
+        )),
+    }
 }
 
 /// The field holding the role of message `i` (of `last + 1`), for role errors.
@@ -560,6 +604,7 @@ fn parse_from_value(
         rejected: None,
         label: None,
         ranked_below: Vec::new(),
+        reference_logps: None,
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -607,6 +652,7 @@ pub(super) fn prompt_answer_record(
         rejected,
         label,
         ranked_below: Vec::new(),
+        reference_logps: None,
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -798,6 +844,7 @@ fn parse_flamingo(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedReco
         rejected: None,
         label: None,
         ranked_below: Vec::new(),
+        reference_logps: None,
     })
 }
 
@@ -828,6 +875,7 @@ fn parse_text(obj: &Map<String, Value>, image_root: &Path) -> Res<ParsedRecord> 
         rejected: None,
         label: None,
         ranked_below: Vec::new(),
+        reference_logps: None,
     };
     place_images(&mut rec, "images", IMAGE_PLACEHOLDER)?;
     Ok(rec)

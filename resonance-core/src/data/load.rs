@@ -386,6 +386,7 @@ impl<'a> Ctx<'a> {
                 messages: rec.messages,
                 rejected: rec.rejected,
                 ranked_below: rec.ranked_below,
+                reference_logps: rec.reference_logps,
                 label: rec.label,
                 source: RecordSource::new(self.file.clone(), line),
             });

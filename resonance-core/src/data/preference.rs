@@ -110,6 +110,7 @@ pub(super) fn parse_vlfeedback(
         rejected: None,
         label: None,
         ranked_below: Vec::new(),
+        reference_logps: None,
     };
     // Only the responses that are trained on must be free of image placeholders.
     for &(chosen, rejected) in &pairs {
@@ -345,6 +346,7 @@ pub(super) fn parse_rlhfv(obj: &Map<String, Value>, image_root: &Path) -> Res<Pa
         rejected: Some(rejected.to_string()),
         label: None,
         ranked_below: Vec::new(),
+        reference_logps: None,
     };
     place_images(&mut rec, image_key, IMAGE_PLACEHOLDER)?;
     Ok(rec)
@@ -418,6 +420,7 @@ impl ConvImages {
             rejected,
             label,
             ranked_below: Vec::new(),
+            reference_logps: None,
         };
         place_images(&mut rec, self.key, IMAGE_PLACEHOLDER)?;
         Ok(rec)

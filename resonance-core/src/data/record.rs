@@ -117,7 +117,7 @@ impl fmt::Display for RecordSource {
 /// Invariants (checked by the loaders): the number of [`Part::Image`] parts equals
 /// `images.len()`; at most one system message, and only first; the first non-system message is a
 /// user message; user and assistant turns alternate; at least one assistant turn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Conversation {
     /// The record's `id`, when the format has one.
     pub id: Option<String>,
@@ -131,6 +131,9 @@ pub struct Conversation {
     pub rejected: Option<String>,
     /// Ranked lists: the answers ranked below `rejected`, best first (empty for pairs).
     pub ranked_below: Vec<String>,
+    /// Precomputed reference log-probs `[chosen, rejected]` of a preference pair (the dataset's
+    /// `ref_chosen_logps` / `ref_rejected_logps`), used instead of a reference model.
+    pub reference_logps: Option<[f64; 2]>,
     /// Unpaired preference records (KTO): whether the final answer is desirable.
     pub label: Option<bool>,
     /// File and line the record was read from.
