@@ -612,7 +612,7 @@ where
             || global_step == total;
         let eval_metrics = match &eval_set {
             Some(set) if eval_due => {
-                let metrics = set.evaluate(&model, context)?;
+                let metrics = set.evaluate(&model, &reference, context, pad_id)?;
                 let shown: Vec<String> =
                     metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                 tracing::info!("step {global_step}: {}", shown.join(", "));
@@ -832,18 +832,12 @@ fn dpo_step<M: TrainableModel>(
     pad_id: u32,
 ) -> Result<StepOutcome> {
     let config = context.config;
-    let device = context.device;
-    let loss_configs = crate::dpo::loss_configs(&config.method);
-    let ddpo = config.method.name == Method::Dpo
-        && loss_configs
-            .iter()
-            .any(|(_, c)| c.loss_type == crate::losses::DpoLossType::Ddpo);
     let accumulation = config.train.grad_accumulation;
     let total_pairs = (config.train.batch_size * accumulation) as f64;
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
     let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
     for _ in 0..accumulation {
-        let mut pairs = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
+        let pairs = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
             crate::dpo::encode_pair(
                 context.processor,
                 c,
@@ -851,117 +845,19 @@ fn dpo_step<M: TrainableModel>(
                 config.data.max_prompt_length,
             )
         })?;
-        let desirable: Vec<bool> = pairs.iter().map(|p| p.label.unwrap_or(true)).collect();
-        if config.method.name == Method::Kto {
-            // The KL rows pair each prompt with another example's completion (TRL reverses the
-            // batch's completions), cut to fit after this prompt.
-            let completions: Vec<Vec<u32>> = pairs.iter().rev().map(|p| p.chosen.clone()).collect();
-            for (pair, completion) in pairs.iter_mut().zip(completions) {
-                let room = config.data.max_length.saturating_sub(pair.prompt.len());
-                pair.rejected = completion.into_iter().take(room).collect();
-            }
-        }
-        let batch = crate::dpo::PairBatch::collate(&pairs, pad_id);
-        tokens += batch.num_tokens();
-        let inputs = |pixels| ModelInputs {
-            input_ids: &batch.input_ids,
-            attention_mask: &batch.attention_mask,
-            pixel_values: pixels,
-        };
-        let pixels = context.processor.pixel_values(&batch.images, device)?;
-        let policy_logits = model.forward_pairs(inputs(pixels), device)?;
-        // DDPO: the token weights come from the host-side diff of each pair; the same forward
-        // pass gives the plain and the weighted sums (other loss types of a list use the plain).
-        let ddpo_weights = ddpo.then(|| batch.ddpo_weights());
-        let weightings: Vec<Option<&[Vec<f32>]>> = std::iter::once(None)
-            .chain(ddpo_weights.as_deref().map(Some))
-            .collect();
-        let mut policy_sums =
-            crate::logprobs::weighted_sequence_logps(policy_logits, &batch.targets, &weightings)
-                .into_iter();
-        let policy = policy_sums.next().expect("the plain sums come first");
-        let policy_dense = policy_sums.next();
-        let rows = batch.input_ids.len();
-        let lengths = batch.lengths();
-        let needs_reference = matches!(config.method.name, Method::Dpo | Method::Kto);
-        let (loss, metrics) = if needs_reference {
-            let (reference_logps, reference_dense) = {
-                let plain = device.clone().inner();
-                let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
-                    let pixels = context.processor.pixel_values(&batch.images, &plain)?;
-                    let logits = m.forward_pairs(inputs(pixels), &plain)?;
-                    Ok(crate::logprobs::weighted_sequence_logps(
-                        logits,
-                        &batch.targets,
-                        &weightings,
-                    ))
-                };
-                let values = match reference {
-                    Reference::None => weightings
-                        .iter()
-                        .map(|_| Tensor::<1>::zeros([rows], &plain))
-                        .collect(),
-                    Reference::Precomputed => {
-                        let values: Vec<f32> = (0..2)
-                            .flat_map(|side| {
-                                pairs.iter().map(move |p| {
-                                    p.reference_logps.map_or(f32::NAN, |r| r[side] as f32)
-                                })
-                            })
-                            .collect();
-                        vec![Tensor::<1>::from_data(
-                            burn::tensor::TensorData::new(values, [rows]),
-                            &plain,
-                        )]
-                    }
-                    Reference::AdaptersOff => {
-                        let _off = AdaptersDisabled::new();
-                        reference_of(&model.valid())?
-                    }
-                    Reference::Copy(copy) => reference_of(copy)?,
-                };
-                let mut values = values
-                    .into_iter()
-                    .map(|v| Tensor::<1>::from_data(v.into_data(), device));
-                let reference_logps = values.next().expect("the plain sums come first");
-                (reference_logps, values.next())
-            };
-            let chosen_nll = crate::dpo::chosen_nll(
-                policy.clone().narrow(0, 0, batch.pairs),
-                &lengths[..batch.pairs],
-            );
-            if config.method.name == Method::Kto {
-                let (loss, metrics) = crate::dpo::kto_batch_loss(
-                    &config.method,
-                    policy,
-                    reference_logps,
-                    &desirable,
-                    total_pairs,
-                )?;
-                (loss, metrics)
-            } else {
-                let (out, mut metrics) = crate::dpo::pair_loss(
-                    policy,
-                    reference_logps,
-                    policy_dense.zip(reference_dense),
-                    &lengths,
-                    &loss_configs,
-                )?;
-                let mut loss = out.losses.sum().div_scalar(total_pairs);
-                if let Some(alpha) = config.method.rpo_alpha {
-                    // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
-                    metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
-                    loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
-                }
-                (loss, metrics)
-            }
-        } else {
-            let (loss, metrics) =
-                crate::dpo::reference_free_loss(&config.method, policy, &lengths)?;
-            (loss.div_scalar(accumulation as f64), metrics)
-        };
+        let out = preference_batch_loss(
+            model,
+            reference,
+            pairs,
+            context,
+            context.device,
+            pad_id,
+            (total_pairs, accumulation),
+        )?;
+        tokens += out.tokens;
+        let loss = out.loss;
         loss_sum += loss.clone().into_scalar::<f64>();
-        for (i, (name, value)) in metrics.into_iter().enumerate() {
+        for (i, (name, value)) in out.metrics.into_iter().enumerate() {
             match metric_sums.get_mut(i) {
                 Some(slot) => slot.1 += value / accumulation as f64,
                 None => metric_sums.push((name, value / accumulation as f64)),
@@ -974,6 +870,158 @@ fn dpo_step<M: TrainableModel>(
         loss: loss_sum,
         tokens,
         metrics: metric_sums,
+    })
+}
+
+/// One micro-batch of a preference method: its loss (scaled so that a step's micro-batches add
+/// up to the mean over `scale.0` examples, with per-micro-batch terms divided by `scale.1`), its
+/// metrics and its number of tokens.
+struct PreferenceBatch {
+    loss: Tensor<1>,
+    metrics: Vec<(&'static str, f64)>,
+    tokens: usize,
+}
+
+/// The loss of one micro-batch of pairs (or KTO records) on `device`, for training (the autodiff
+/// device) and evaluation (the plain one).
+fn preference_batch_loss<M: TrainableModel>(
+    model: &M,
+    reference: &Reference<M>,
+    mut pairs: Vec<crate::dpo::PairExample>,
+    context: &RunContext,
+    device: &Device,
+    pad_id: u32,
+    scale: (f64, usize),
+) -> Result<PreferenceBatch> {
+    let config = context.config;
+    let (total_pairs, accumulation) = scale;
+    let loss_configs = crate::dpo::loss_configs(&config.method);
+    let ddpo = config.method.name == Method::Dpo
+        && loss_configs
+            .iter()
+            .any(|(_, c)| c.loss_type == crate::losses::DpoLossType::Ddpo);
+    let desirable: Vec<bool> = pairs.iter().map(|p| p.label.unwrap_or(true)).collect();
+    if config.method.name == Method::Kto {
+        // The KL rows pair each prompt with another example's completion (TRL reverses the
+        // batch's completions), cut to fit after this prompt.
+        let completions: Vec<Vec<u32>> = pairs.iter().rev().map(|p| p.chosen.clone()).collect();
+        for (pair, completion) in pairs.iter_mut().zip(completions) {
+            let room = config.data.max_length.saturating_sub(pair.prompt.len());
+            pair.rejected = completion.into_iter().take(room).collect();
+        }
+    }
+    let batch = crate::dpo::PairBatch::collate(&pairs, pad_id);
+    let tokens = batch.num_tokens();
+    let inputs = |pixels| ModelInputs {
+        input_ids: &batch.input_ids,
+        attention_mask: &batch.attention_mask,
+        pixel_values: pixels,
+    };
+    let pixels = context.processor.pixel_values(&batch.images, device)?;
+    let policy_logits = model.forward_pairs(inputs(pixels), device)?;
+    // DDPO: the token weights come from the host-side diff of each pair; the same forward
+    // pass gives the plain and the weighted sums (other loss types of a list use the plain).
+    let ddpo_weights = ddpo.then(|| batch.ddpo_weights());
+    let weightings: Vec<Option<&[Vec<f32>]>> = std::iter::once(None)
+        .chain(ddpo_weights.as_deref().map(Some))
+        .collect();
+    let mut policy_sums =
+        crate::logprobs::weighted_sequence_logps(policy_logits, &batch.targets, &weightings)
+            .into_iter();
+    let policy = policy_sums.next().expect("the plain sums come first");
+    let policy_dense = policy_sums.next();
+    let rows = batch.input_ids.len();
+    let lengths = batch.lengths();
+    let needs_reference = matches!(config.method.name, Method::Dpo | Method::Kto);
+    let (loss, metrics) = if needs_reference {
+        let (reference_logps, reference_dense) = {
+            let plain = device.clone().inner();
+            let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
+                let pixels = context.processor.pixel_values(&batch.images, &plain)?;
+                let logits = m.forward_pairs(inputs(pixels), &plain)?;
+                Ok(crate::logprobs::weighted_sequence_logps(
+                    logits,
+                    &batch.targets,
+                    &weightings,
+                ))
+            };
+            let values = match reference {
+                Reference::None => weightings
+                    .iter()
+                    .map(|_| Tensor::<1>::zeros([rows], &plain))
+                    .collect(),
+                Reference::Precomputed => {
+                    if let Some(p) = pairs.iter().find(|p| p.reference_logps.is_none()) {
+                        return Err(TrainError::Record {
+                            path: p.source.file.to_path_buf(),
+                            line: p.source.line,
+                            message: "no ref_chosen_logps / ref_rejected_logps, which the \
+                                      training data's precomputed reference needs (in \
+                                      evaluation data too)"
+                                .into(),
+                        });
+                    }
+                    let values: Vec<f32> = (0..2)
+                        .flat_map(|side| {
+                            pairs
+                                .iter()
+                                .map(move |p| p.reference_logps.map_or(0.0, |r| r[side] as f32))
+                        })
+                        .collect();
+                    vec![Tensor::<1>::from_data(
+                        burn::tensor::TensorData::new(values, [rows]),
+                        &plain,
+                    )]
+                }
+                Reference::AdaptersOff => {
+                    let _off = AdaptersDisabled::new();
+                    reference_of(&model.valid())?
+                }
+                Reference::Copy(copy) => reference_of(copy)?,
+            };
+            let mut values = values
+                .into_iter()
+                .map(|v| Tensor::<1>::from_data(v.into_data(), device));
+            let reference_logps = values.next().expect("the plain sums come first");
+            (reference_logps, values.next())
+        };
+        let chosen_nll = crate::dpo::chosen_nll(
+            policy.clone().narrow(0, 0, batch.pairs),
+            &lengths[..batch.pairs],
+        );
+        if config.method.name == Method::Kto {
+            let (loss, metrics) = crate::dpo::kto_batch_loss(
+                &config.method,
+                policy,
+                reference_logps,
+                &desirable,
+                total_pairs,
+            )?;
+            (loss, metrics)
+        } else {
+            let (out, mut metrics) = crate::dpo::pair_loss(
+                policy,
+                reference_logps,
+                policy_dense.zip(reference_dense),
+                &lengths,
+                &loss_configs,
+            )?;
+            let mut loss = out.losses.sum().div_scalar(total_pairs);
+            if let Some(alpha) = config.method.rpo_alpha {
+                // RPO: + α · (token-mean NLL of the chosen answers), averaged over micro-batches.
+                metrics.push(("nll_loss", chosen_nll.clone().into_scalar::<f64>()));
+                loss = loss + chosen_nll.mul_scalar(alpha / accumulation as f64);
+            }
+            (loss, metrics)
+        }
+    } else {
+        let (loss, metrics) = crate::dpo::reference_free_loss(&config.method, policy, &lengths)?;
+        (loss.div_scalar(accumulation as f64), metrics)
+    };
+    Ok(PreferenceBatch {
+        loss,
+        metrics,
+        tokens,
     })
 }
 
@@ -1069,6 +1117,10 @@ enum EvalSet {
     Reward {
         batches: Vec<RankedBatch>,
     },
+    /// DPO, SimPO, ORPO and KTO: the method's own loss and metrics on the eval pairs.
+    Preference {
+        batches: Vec<Vec<crate::dpo::PairExample>>,
+    },
 }
 
 impl EvalSet {
@@ -1103,6 +1155,26 @@ impl EvalSet {
                 .collect::<Result<_>>()?;
             return Ok(EvalSet::Reward { batches });
         }
+        if config.method.name.is_preference() {
+            let mut pairs = Vec::new();
+            for conversation in records {
+                if let Ok(pair) = crate::dpo::encode_pair(
+                    context.processor,
+                    conversation,
+                    config.data.max_length,
+                    config.data.max_prompt_length,
+                )? {
+                    pairs.push(pair);
+                }
+            }
+            if pairs.is_empty() {
+                return Err(TrainError::Input(
+                    "the evaluation datasets have no usable record".into(),
+                ));
+            }
+            let batches = pairs.chunks(batch_size).map(<[_]>::to_vec).collect();
+            return Ok(EvalSet::Preference { batches });
+        }
         let mut examples = Vec::new();
         for conversation in records {
             if let Ok(example) =
@@ -1130,11 +1202,44 @@ impl EvalSet {
     fn evaluate<M: TrainableModel>(
         &self,
         model: &M,
+        reference: &Reference<M>,
         context: &RunContext,
+        pad_id: u32,
     ) -> Result<Vec<(String, f64)>> {
         let model = model.valid();
         let device = context.device.clone().inner();
         match self {
+            EvalSet::Preference { batches } => {
+                let total: usize = batches.iter().map(Vec::len).sum();
+                let mut loss_sum = 0f64;
+                let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
+                for batch in batches {
+                    let weight = batch.len() as f64 / total as f64;
+                    let out = preference_batch_loss(
+                        &model,
+                        reference,
+                        batch.clone(),
+                        context,
+                        &device,
+                        pad_id,
+                        (batch.len() as f64, 1),
+                    )?;
+                    loss_sum += weight * out.loss.into_scalar::<f64>();
+                    for (i, (name, value)) in out.metrics.into_iter().enumerate() {
+                        match metric_sums.get_mut(i) {
+                            Some(slot) => slot.1 += weight * value,
+                            None => metric_sums.push((name, weight * value)),
+                        }
+                    }
+                }
+                let mut out = vec![("eval_loss".to_string(), loss_sum)];
+                out.extend(
+                    metric_sums
+                        .into_iter()
+                        .map(|(name, value)| (format!("eval_{name}"), value)),
+                );
+                Ok(out)
+            }
             EvalSet::Sft { batches, targets } => {
                 let mut sum = 0f64;
                 for batch in batches {

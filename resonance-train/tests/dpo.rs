@@ -475,3 +475,26 @@ fn precomputed_and_named_references_train_like_the_model_they_come_from() {
         "{err}"
     );
 }
+
+#[test]
+fn preference_evaluation_reports_the_method_loss_and_metrics() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    // With lr ≈ 0 the policy stays the reference: the eval loss is ln 2 and the margins 0.
+    let eval = format!(
+        "max_steps = 2\neval_every = 1\n[[data.eval_datasets]]\npath = \"{}\"\nformat = \"plain_dpo\"\nimage_root = \"{}\"\n",
+        root().join("data/demo/reward/heldout.jsonl").display(),
+        root().join("data/demo/sft/images").display()
+    );
+    let mut cfg = config(&data, dir.path(), &eval);
+    cfg.optim.lr = 1e-12;
+    run(&cfg);
+    let m = metrics(dir.path());
+    for line in &m {
+        let loss = line["eval_loss"].as_f64().expect("eval_loss");
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{line}");
+        assert!(line["eval_rewards/margins"].as_f64().unwrap().abs() < 1e-5);
+        assert!(line["eval_rewards/accuracies"].is_number());
+    }
+}
