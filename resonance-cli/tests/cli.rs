@@ -315,3 +315,92 @@ fn resume_merge_and_plot_errors_name_the_problem() {
     assert!(!ok);
     assert!(err.contains("metrics.jsonl:2"), "{err}");
 }
+
+#[test]
+fn score_reward_prints_one_reward_per_record_and_refuses_a_model_without_a_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("records.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"hello\", \"response\": \"world\", \"id\": 7}\n{\"prompt\": \"a\", \"response\": \"b\"}\n",
+    )
+    .unwrap();
+    let model = root().join("fixtures/reward/tiny-llama-reward");
+    let (ok, stdout, stderr) = resonance(&[
+        "score",
+        "--reward",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["reward"].as_f64().unwrap().is_finite());
+    assert_eq!(lines[0]["id"], 7);
+    let plain = root().join("fixtures/tiny-llama");
+    let (ok, _, stderr) = resonance(&[
+        "score",
+        "--reward",
+        "--model",
+        plain.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("score.weight"), "{stderr}");
+}
+
+#[test]
+fn score_pairs_writes_reference_logps_into_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs_ref.jsonl");
+    let (ok, _, stderr) = resonance(&[
+        "score",
+        "--pairs",
+        "plain_dpo",
+        "--model",
+        root().join("fixtures/tiny-llava").to_str().unwrap(),
+        "--data",
+        root().join("data/demo/dpo/pairs.jsonl").to_str().unwrap(),
+        "--image-root",
+        root().join("data/demo/sft/images").to_str().unwrap(),
+        "--max-length",
+        "128",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 78);
+    for r in &records {
+        let (c, j) = (
+            r["ref_chosen_logps"].as_f64().unwrap(),
+            r["ref_rejected_logps"].as_f64().unwrap(),
+        );
+        assert!(c < 0.0 && j < 0.0, "{r}");
+        assert!(r["prompt"].is_string());
+    }
+    // Too small a max_length for the run is refused, naming the record.
+    let (ok, _, stderr) = resonance(&[
+        "score",
+        "--pairs",
+        "plain_dpo",
+        "--model",
+        root().join("fixtures/tiny-llava").to_str().unwrap(),
+        "--data",
+        root().join("data/demo/dpo/pairs.jsonl").to_str().unwrap(),
+        "--image-root",
+        root().join("data/demo/sft/images").to_str().unwrap(),
+        "--max-length",
+        "20",
+    ]);
+    assert!(!ok && stderr.contains("pairs.jsonl:1"), "{stderr}");
+}
