@@ -179,8 +179,12 @@ pub fn attach_lora<M: TrainableModel>(
     Ok(adapted)
 }
 
-/// The path prefixes of the components trained in full (`""` for a model that is all LM).
-fn full_component_prefixes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<&'static str> {
+/// The path prefixes of the components trained in full (`""` for a model that is all LM); the
+/// value head only for a reward model (`reward`).
+fn full_component_prefixes<M: TrainableModel>(
+    groups: &TrainableGroups,
+    reward: bool,
+) -> Vec<&'static str> {
     [
         Component::Vision,
         Component::Projector,
@@ -188,16 +192,17 @@ fn full_component_prefixes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<&
         Component::Head,
     ]
     .into_iter()
+    .filter(|&c| c != Component::Head || reward)
     .filter(|&c| group_of(groups, c) == GroupTraining::Full)
     .filter_map(M::component_prefix)
     .collect()
 }
 
 /// The regexes of the parameters a run trains (LoRA factors and fully trained components).
-fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups) -> Vec<String> {
+fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups, reward: bool) -> Vec<String> {
     let mut out = vec![r"\.lora\.lora_[ab]$".to_string()];
     out.extend(
-        full_component_prefixes::<M>(groups)
+        full_component_prefixes::<M>(groups, reward)
             .into_iter()
             .map(|prefix| format!("^{}", regex::escape(prefix))),
     );
@@ -674,7 +679,7 @@ where
             write_dir_atomically(&dir, |tmp| {
                 save_trainable(
                     &model,
-                    trained_regexes::<M>(&groups),
+                    trained_regexes::<M>(&groups, config.method.name == Method::Reward),
                     &tmp.join(TRAINABLE_WEIGHTS),
                 )?;
                 let path = tmp.join(OPTIMIZER_STATE);
@@ -1287,11 +1292,12 @@ pub fn adapter_config<M: TrainableModel>(
         .collect();
     names.sort();
     names.dedup();
-    let full_prefixes: Vec<String> = full_component_prefixes::<M>(&groups)
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect();
+    let full_prefixes: Vec<String> =
+        full_component_prefixes::<M>(&groups, config.method.name == Method::Reward)
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
     let modules_to_save: Vec<String> = full_prefixes
         .iter()
         .map(|p| p.trim_end_matches('.').to_string())
