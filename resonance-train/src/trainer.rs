@@ -101,7 +101,10 @@ pub fn train(
         .validate()
         .map_err(|e| TrainError::Input(e.to_string()))?;
     let model_dir = resolve_model(&config.model.path)?;
-    let device = device.clone().autodiff();
+    let mut device = device.clone().autodiff();
+    if config.train.gradient_checkpointing {
+        device = device.gradient_checkpointing();
+    }
     let model = AnyModel::load(&model_dir, &device)?;
     let processor = Processor::from_dir(&model_dir, &model)?;
     let context = RunContext {

@@ -328,3 +328,18 @@ fn save_total_limit_keeps_the_newest_checkpoints() {
     assert_eq!(steps, vec![4, 5]);
     assert!(out.path().join("config.toml").is_file());
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_losses() {
+    let mut losses = Vec::new();
+    for checkpointing in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let mut cfg = config(out.path(), 4, "");
+        cfg.train.gradient_checkpointing = checkpointing;
+        losses.push(run(&cfg, &TrainOptions::default()).losses);
+    }
+    assert_eq!(losses[0].len(), 4);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a.1 - b.1).abs() < 1e-5, "{losses:?}");
+    }
+}

@@ -731,6 +731,10 @@ pub struct TrainConfig {
     /// Evaluate on `data.eval_datasets` every this many optimizer steps (and at the end); 0
     /// evaluates only at the end (when eval datasets are given). Default 0.
     pub eval_every: u64,
+    /// Gradient checkpointing: recompute memory-bound activations during the backward pass
+    /// instead of keeping them (Burn's balanced strategy), trading compute for peak memory.
+    /// Default `false`.
+    pub gradient_checkpointing: bool,
     /// Save a checkpoint every this many optimizer steps; 0 saves only at the end. Default 500.
     pub save_every: u64,
     /// Keep at most this many checkpoints (oldest deleted first); 0 keeps all. Default 0.
@@ -759,6 +763,7 @@ impl Default for TrainConfig {
             seed: 42,
             log_every: 10,
             eval_every: 0,
+            gradient_checkpointing: false,
             save_every: 500,
             save_total_limit: 0,
             output_dir: PathBuf::from("runs/sft"),
