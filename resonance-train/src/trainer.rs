@@ -1114,6 +1114,25 @@ fn sft_logits<M: TrainableModel>(
     )?)
 }
 
+/// The encodable evaluation records (refused ones are left out); none at all is an error.
+fn encode_usable<'a, T>(
+    records: impl Iterator<Item = &'a Conversation>,
+    encode: impl Fn(&Conversation) -> Result<std::result::Result<T, Refusal>>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for conversation in records {
+        if let Ok(example) = encode(conversation)? {
+            out.push(example);
+        }
+    }
+    if out.is_empty() {
+        return Err(TrainError::Input(
+            "the evaluation datasets have no usable record".into(),
+        ));
+    }
+    Ok(out)
+}
+
 /// The evaluation data, encoded once: for SFT and the preference methods, the SFT batches of
 /// every encodable record (the chosen answers of pairs) and their number of trained tokens; for
 /// a reward model, its ranked batches.
@@ -1141,22 +1160,14 @@ impl EvalSet {
         let records = datasets.iter().flat_map(|d| &d.records);
         let batch_size = config.train.batch_size.max(1);
         if config.method.name == Method::Reward {
-            let mut examples = Vec::new();
-            for conversation in records {
-                if let Ok(example) = crate::reward::encode_ranked(
+            let examples = encode_usable(records, |c| {
+                crate::reward::encode_ranked(
                     context.processor,
-                    conversation,
+                    c,
                     config.data.max_length,
                     config.data.max_prompt_length,
-                )? {
-                    examples.push(example);
-                }
-            }
-            if examples.is_empty() {
-                return Err(TrainError::Input(
-                    "the evaluation datasets have no usable record".into(),
-                ));
-            }
+                )
+            })?;
             let batches = examples
                 .chunks(batch_size)
                 .map(|chunk| RankedBatch::collate(chunk, pads.0, pads.1))
@@ -1164,39 +1175,21 @@ impl EvalSet {
             return Ok(EvalSet::Reward { batches });
         }
         if config.method.name.is_preference() {
-            let mut pairs = Vec::new();
-            for conversation in records {
-                if let Ok(pair) = crate::dpo::encode_pair(
+            let pairs = encode_usable(records, |c| {
+                crate::dpo::encode_pair(
                     context.processor,
-                    conversation,
+                    c,
                     config.data.max_length,
                     config.data.max_prompt_length,
-                )? {
-                    pairs.push(pair);
-                }
-            }
-            if pairs.is_empty() {
-                return Err(TrainError::Input(
-                    "the evaluation datasets have no usable record".into(),
-                ));
-            }
+                )
+            })?;
             let batches = pairs.chunks(batch_size).map(<[_]>::to_vec).collect();
             return Ok(EvalSet::Preference { batches });
         }
-        let mut examples = Vec::new();
-        for conversation in records {
-            if let Ok(example) =
-                encode_conversation(context.processor, conversation, config.data.max_length)?
-            {
-                examples.push(example);
-            }
-        }
+        let examples = encode_usable(records, |c| {
+            encode_conversation(context.processor, c, config.data.max_length)
+        })?;
         let targets: usize = examples.iter().map(|e| e.num_trained()).sum();
-        if targets == 0 {
-            return Err(TrainError::Input(
-                "the evaluation datasets have no usable record".into(),
-            ));
-        }
         let batches = examples
             .chunks(batch_size)
             .map(|chunk| SftBatch::collate(chunk, pads.0))
