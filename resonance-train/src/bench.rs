@@ -1417,6 +1417,31 @@ mod tests {
     }
 
     #[test]
+    fn analytic_flops_equal_reference_py_on_the_bench_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let spec = BenchSpec::load(&root.join("bench/workloads.json")).unwrap();
+        let dir = root.join("bench/model");
+        let value = resonance_models::load::read_config(&dir).unwrap();
+        let config = LlavaConfig::from_value(&value, &dir.join("config.json")).unwrap();
+        // bench/reference.py's analytic_flops on the same config and workloads.
+        let expected = [
+            ("sft", 772_639_215_616u64),
+            ("dpo", 1_722_974_388_224),
+            ("generate_b1", 45_344_367_616),
+            ("generate_b8", 362_754_940_928),
+            ("score", 268_305_469_440),
+        ];
+        for (name, want) in expected {
+            let w = spec.workload(name).unwrap();
+            let (got, _) = analytic_flops(&config, w, name, 256, false).unwrap();
+            assert!(
+                (got - want as f64).abs() <= 1.0,
+                "{name}: {got} vs reference.py {want}"
+            );
+        }
+    }
+
+    #[test]
     fn compare_flags_a_loss_mismatch() {
         let side = |loss: f64| {
             json!({"implementation": "x", "workloads": {"sft": {
