@@ -8,7 +8,7 @@
 #   PYTHON       the interpreter with bench/requirements.txt (default: /root/.cache/venv-ref/bin/python
 #                when it exists, else python3)
 #   RESONANCE    a built `resonance` binary (default: `cargo run -p resonance-cli $CARGO_FLAGS --`)
-#   CARGO_FLAGS  e.g. "--release" or "--release --features cuda"
+#   CARGO_FLAGS  default "--release" (a dev build is ~2x slower); e.g. "--release --features cuda"
 #   BACKEND      cpu (default), wgpu, cuda, ndarray: the Resonance backend
 # The PyTorch side writes the weights on first use (bench/.cache/model) and always runs on CPU.
 set -euo pipefail
@@ -22,9 +22,9 @@ if [[ -n "${RESONANCE:-}" ]]; then
     resonance=("$RESONANCE")
 else
     # shellcheck disable=SC2086
-    cargo build -q -p resonance-cli ${CARGO_FLAGS:-}
+    cargo build -q -p resonance-cli ${CARGO_FLAGS---release}
     # shellcheck disable=SC2086
-    resonance=(cargo run -q -p resonance-cli ${CARGO_FLAGS:-} --)
+    resonance=(cargo run -q -p resonance-cli ${CARGO_FLAGS---release} --)
 fi
 
 echo "== PyTorch + transformers + TRL ($(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg))"
