@@ -79,11 +79,18 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
         ] {
             assert!(f(&r, key) > 0.0, "{name}: {key} = {}", r[key]);
         }
-        for key in ["tokens_per_step", "flops_per_step", "flops_analytic_per_step"] {
+        for key in [
+            "tokens_per_step",
+            "flops_per_step",
+            "flops_analytic_per_step",
+        ] {
             assert!(r[key].as_u64().is_some_and(|v| v > 0), "{name}: {key}");
         }
         if cfg!(target_os = "linux") {
-            assert!(f(&r, "peak_rss_mb") >= f(&r, "rss_before_load_mb"), "{name}");
+            assert!(
+                f(&r, "peak_rss_mb") >= f(&r, "rss_before_load_mb"),
+                "{name}"
+            );
         }
         results.insert(name.to_string(), r);
     }
