@@ -1,6 +1,7 @@
 //! `resonance`: train, score and run vision-language models on CPU, wgpu or CUDA.
 
 mod backend;
+mod bench;
 mod plot;
 
 use std::io::{IsTerminal, Write};
@@ -136,6 +137,9 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Benchmark training, scoring and generation on `bench/workloads.json` (see
+    /// docs/PERFORMANCE.md); `--compare` prints the ratios against `bench/reference.py`'s results.
+    Bench(bench::BenchArgs),
     /// Draw the loss and learning-rate curves of a run (its metrics.jsonl) into a PNG.
     Plot {
         /// The run directory.
@@ -283,6 +287,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", output.display());
             Ok(())
         }
+        Command::Bench(args) => bench::run(args),
         Command::Plot { run_dir, output } => {
             let output = output.unwrap_or_else(|| run_dir.join("curves.png"));
             plot::plot_run(&run_dir.join("metrics.jsonl"), &output)?;

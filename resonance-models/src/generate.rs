@@ -137,6 +137,84 @@ pub fn generate(
     Ok(out)
 }
 
+/// Greedy decoding of a batch of prompts of equal length (no padding) with one KV cache: a
+/// prefill of all rows, then one `[b, 1]` forward per new token. Each row's output stops after
+/// its first token in `eos_ids`; decoding ends when every row has stopped or after
+/// `max_new_tokens` (pass no `eos_ids` to always produce `max_new_tokens`, as
+/// `min_new_tokens = max_new_tokens` does in transformers). `pixel_values` holds the images of the
+/// rows in image-token order. Rows of different lengths are refused: left padding would need
+/// per-row positions, which this function does not build.
+pub fn generate_greedy_batch(
+    model: &AnyModel,
+    prompts: &[Vec<u32>],
+    pixel_values: Option<Tensor<4>>,
+    eos_ids: &[u32],
+    max_new_tokens: usize,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    let width = prompts.first().map_or(0, Vec::len);
+    if width == 0 {
+        return Err(ModelError::Input("the prompt is empty".into()));
+    }
+    if prompts.iter().any(|p| p.len() != width) {
+        return Err(ModelError::Input(
+            "batched greedy decoding needs prompts of equal length".into(),
+        ));
+    }
+    let rows = prompts.len();
+    let greedy = SamplingConfig::default();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut cache = KvCache::new(model.language_model().num_layers());
+    let mask = vec![vec![true; width]; rows];
+    let logits = model.forward(
+        ModelInputs {
+            input_ids: prompts,
+            attention_mask: &mask,
+            pixel_values,
+        },
+        Some(&mut cache),
+        device,
+    )?;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut done = vec![false; rows];
+    let mut next = last_rows(logits)?
+        .iter()
+        .map(|row| choose_token(row, &greedy, &mut rng))
+        .collect::<Vec<_>>();
+    let lm = model.language_model();
+    let one = vec![vec![true]; rows];
+    for step in 0..max_new_tokens {
+        for (r, &token) in next.iter().enumerate() {
+            if !done[r] {
+                out[r].push(token);
+                done[r] = eos_ids.contains(&token);
+            }
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
+            break;
+        }
+        let ids: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        let logits = lm.forward_embeds(lm.embed(&ids, device), &one, Some(&mut cache));
+        next = last_rows(logits)?
+            .iter()
+            .map(|row| choose_token(row, &greedy, &mut rng))
+            .collect();
+    }
+    Ok(out)
+}
+
+/// The logits of the last position of every row, `[b][vocab]`.
+fn last_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>> {
+    let [b, t, v] = logits.dims();
+    let values = logits
+        .narrow(1, t - 1, 1)
+        .reshape([b * v])
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ModelError::Input(format!("reading logits: {e:?}")))?;
+    Ok(values.chunks(v).map(<[f32]>::to_vec).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,7 +214,7 @@ fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups, reward: bool) ->
 
 /// The optimizer: AdamW, without weight decay on biases and norm weights (as transformers'
 /// `Trainer` groups them).
-fn build_optimizer(config: &ExperimentConfig) -> Result<ModuleOptimizer> {
+pub fn build_optimizer(config: &ExperimentConfig) -> Result<ModuleOptimizer> {
     let o = &config.optim;
     let adamw = AdamWConfig::new()
         .with_beta_1(o.betas[0] as f32)
