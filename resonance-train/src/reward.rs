@@ -148,7 +148,7 @@ pub fn pool_position(ids: &[u32], config_pad: Option<u32>) -> usize {
 /// The model config's `pad_token_id` (the text config's for a multimodal model), which
 /// transformers' sequence classifiers pool by.
 pub fn config_pad_token_id(model_dir: &Path) -> Result<Option<u32>> {
-    let config = read_config(model_dir)?;
+    let config = resonance_models::load::read_config(model_dir)?;
     let pad = config
         .get("text_config")
         .and_then(|t| t.get("pad_token_id"))
@@ -160,22 +160,13 @@ pub fn config_pad_token_id(model_dir: &Path) -> Result<Option<u32>> {
 /// The config's `initializer_range` (the text config's for a multimodal model), the std of a
 /// new value head; transformers' default when absent.
 pub fn initializer_range(model_dir: &Path) -> Result<f64> {
-    let config = read_config(model_dir)?;
+    let config = resonance_models::load::read_config(model_dir)?;
     Ok(config
         .get("text_config")
         .and_then(|t| t.get("initializer_range"))
         .or_else(|| config.get("initializer_range"))
         .and_then(Value::as_f64)
         .unwrap_or(resonance_models::load::DEFAULT_INITIALIZER_RANGE))
-}
-
-fn read_config(model_dir: &Path) -> Result<Value> {
-    let path = model_dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))
 }
 
 /// The values at `pool_index` of each row: `[rows, t]` → `[rows]`.

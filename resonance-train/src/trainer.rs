@@ -865,12 +865,7 @@ fn dpo_step<M: TrainableModel>(
         tokens += out.tokens;
         let loss = out.loss;
         loss_sum += loss.clone().into_scalar::<f64>();
-        for (i, (name, value)) in out.metrics.into_iter().enumerate() {
-            match metric_sums.get_mut(i) {
-                Some(slot) => slot.1 += value / accumulation as f64,
-                None => metric_sums.push((name, value / accumulation as f64)),
-            }
-        }
+        add_weighted(&mut metric_sums, out.metrics, |v| v / accumulation as f64);
         let grads = loss.backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
@@ -879,6 +874,21 @@ fn dpo_step<M: TrainableModel>(
         tokens,
         metrics: metric_sums,
     })
+}
+
+/// Adds each of a micro-batch's metrics, weighted by `weigh`, to the running sums (same names,
+/// same order in every micro-batch).
+fn add_weighted(
+    sums: &mut Vec<(&'static str, f64)>,
+    metrics: Vec<(&'static str, f64)>,
+    weigh: impl Fn(f64) -> f64,
+) {
+    for (i, (name, value)) in metrics.into_iter().enumerate() {
+        match sums.get_mut(i) {
+            Some(slot) => slot.1 += weigh(value),
+            None => sums.push((name, weigh(value))),
+        }
+    }
 }
 
 /// One micro-batch of a preference method: its loss (scaled so that a step's micro-batches add
@@ -1226,12 +1236,7 @@ impl EvalSet {
                         (batch.len() as f64, 1),
                     )?;
                     loss_sum += weight * out.loss.into_scalar::<f64>();
-                    for (i, (name, value)) in out.metrics.into_iter().enumerate() {
-                        match metric_sums.get_mut(i) {
-                            Some(slot) => slot.1 += weight * value,
-                            None => metric_sums.push((name, weight * value)),
-                        }
-                    }
+                    add_weighted(&mut metric_sums, out.metrics, |v| weight * v);
                 }
                 let mut out = vec![("eval_loss".to_string(), loss_sum)];
                 out.extend(
