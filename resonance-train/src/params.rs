@@ -123,7 +123,12 @@ struct SquaredNorm<'a> {
 impl ModuleVisitor for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = self.grads.get::<D>(param.id) {
-            let sq = grad.square().sum();
+            // burn-flex adds up a whole tensor of 4M+ elements on several threads in an order
+            // that changes from run to run; per-row sums (sequential) keep the norm, and so a
+            // resumed run, bit-identical.
+            let last = grad.dims()[D - 1].max(1);
+            let rows = grad.shape().num_elements() / last;
+            let sq = grad.square().reshape([rows, last]).sum_dim(1).sum();
             self.total = Some(match self.total.take() {
                 Some(t) => t + sq,
                 None => sq,

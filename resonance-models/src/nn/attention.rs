@@ -1,8 +1,11 @@
 //! Attention helpers shared by every family: masks, grouped-query head expansion, KV cache.
 
+use burn::backend::Dispatch;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use crate::nn::fused_attention::RecomputingAttention;
 
 /// Which key positions each query may attend to, for a whole batch.
 ///
@@ -95,6 +98,24 @@ pub fn scaled_attention(
     mask: Option<Tensor<4, Bool>>,
     scale: f64,
 ) -> Tensor<4> {
+    if q.device().inner() == Device::flex() {
+        // On the CPU backend, the extension's backward pass recomputes the probabilities instead
+        // of keeping Burn's composed score-matrix intermediates (see `fused_attention`).
+        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        let out = match mask {
+            Some(mask) => <Dispatch as RecomputingAttention>::recomputing_attention(
+                q,
+                k,
+                v,
+                mask.into_dispatch(),
+                scale,
+            ),
+            None => {
+                <Dispatch as RecomputingAttention>::recomputing_attention_unmasked(q, k, v, scale)
+            }
+        };
+        return Tensor::from_dispatch(out);
+    }
     let options = AttentionModuleOptions {
         scale: Some(scale),
         ..Default::default()

@@ -198,11 +198,13 @@ impl Linear {
 }
 
 impl LoraAdapter {
-    /// `scale · (dropout(x)·A)·B`.
+    /// `(dropout(x)·A)·(scale·B)`: the scale goes on the small `[r, d_out]` matrix rather than
+    /// on the `[tokens, d_out]` output, which saves a pass over the activations each way.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.dropout.forward(x);
         let down = linear(x, self.lora_a.val().transpose(), None);
-        linear(down, self.lora_b.val().transpose(), None).mul_scalar(self.scale)
+        let up = self.lora_b.val().transpose().mul_scalar(self.scale);
+        linear(down, up, None)
     }
 
     /// The dense update `scale·A·B` (`[d_in, d_out]`).

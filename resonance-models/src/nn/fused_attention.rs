@@ -1,0 +1,326 @@
+//! Attention with a hand-written backward pass, as a Burn backend extension.
+//!
+//! Under autodiff, Burn composes attention from primitive operations, so training keeps every
+//! intermediate `[batch, heads, queries, keys]` tensor of the score matrix and its softmax (two
+//! or three of them per layer) until the backward pass, and runs a dozen element-wise passes over
+//! them. This operation instead runs the backend's own attention kernel forward and keeps only
+//! its inputs and output; the backward pass recomputes the probabilities one layer at a time, as
+//! flash attention's backward does:
+//!
+//! ```text
+//! P  = softmax(scale · Q Kᵀ, masked)        dV = Pᵀ dO
+//! dP = dO Vᵀ                                dS = P ⊙ (dP − rowsum(dO ⊙ O))
+//! dQ = scale · dS K                         dK = scale · dSᵀ Q
+//! ```
+//!
+//! It costs one more `Q Kᵀ` product per layer in the backward pass and saves the score-sized
+//! activations of every layer.
+//!
+//! The extension is routed for Burn's CPU backend (`flex`), plain and under autodiff; on other
+//! backends [`crate::nn::attention::scaled_attention`] keeps Burn's own attention.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::ops::ModuleOps;
+use burn::backend::tensor::{BoolTensor, FloatTensor};
+use burn::backend::{backend_extension, Backend, Flex, TensorMetadata};
+use burn::tensor::ops::AttentionModuleOptions;
+
+fn options(scale: f64) -> AttentionModuleOptions {
+    AttentionModuleOptions {
+        scale: Some(scale),
+        ..Default::default()
+    }
+}
+
+/// Scaled dot-product attention whose backward pass recomputes the probabilities.
+///
+/// Two methods because the extension macro routes optional float tensors only: the mask is a
+/// boolean tensor.
+#[backend_extension(Flex, Autodiff)]
+pub trait RecomputingAttention: Backend {
+    /// `softmax(scale · Q Kᵀ, masked) V` over `[batch, heads, tokens, head_dim]` tensors; `mask`
+    /// (`[batch, heads, queries, keys]`) is `true` where attention is forbidden. A query whose
+    /// keys are all masked gets zeros.
+    fn recomputing_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(scale · Q Kᵀ) V`, every query seeing every key.
+    fn recomputing_attention_unmasked(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+}
+
+impl RecomputingAttention for Flex {
+    fn recomputing_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Flex::attention(query, key, value, Some(mask), None, options(scale))
+    }
+
+    fn recomputing_attention_unmasked(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Flex::attention(query, key, value, None, None, options(scale))
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> RecomputingAttention for Autodiff<B, C> {
+    fn recomputing_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        tracked_attention::<B, C>(query, key, value, Some(mask), scale)
+    }
+
+    fn recomputing_attention_unmasked(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        tracked_attention::<B, C>(query, key, value, None, scale)
+    }
+}
+
+/// The forward pass under autodiff: the inner backend's attention, and the backward step
+/// registered with the inputs and the output as its state.
+fn tracked_attention<B: Backend, C: CheckpointStrategy>(
+    query: FloatTensor<Autodiff<B, C>>,
+    key: FloatTensor<Autodiff<B, C>>,
+    value: FloatTensor<Autodiff<B, C>>,
+    mask: Option<BoolTensor<B>>,
+    scale: f64,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = [query.node(), key.node(), value.node()];
+    match AttentionBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (q, k, v) = (
+                query.into_primitive(),
+                key.into_primitive(),
+                value.into_primitive(),
+            );
+            let out = B::attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                mask.clone(),
+                None,
+                options(scale),
+            );
+            let state = AttentionState {
+                query: q,
+                key: k,
+                value: v,
+                mask,
+                output: out.clone(),
+                scale,
+            };
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::attention(
+            query.into_primitive(),
+            key.into_primitive(),
+            value.into_primitive(),
+            mask,
+            None,
+            options(scale),
+        )),
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// What the backward pass needs: the inputs and the output, not the score matrix.
+#[derive(Debug, Clone)]
+struct AttentionState<B: Backend> {
+    query: FloatTensor<B>,
+    key: FloatTensor<B>,
+    value: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    output: FloatTensor<B>,
+    scale: f64,
+}
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [query_node, key_node, value_node] = ops.parents;
+        let grad_output = grads.consume::<B>(&ops.node);
+        let AttentionState {
+            query,
+            key,
+            value,
+            mask,
+            output,
+            scale,
+        } = ops.state;
+        let probs = attention_probabilities::<B>(query.clone(), key.clone(), mask, scale);
+
+        if let Some(node) = value_node {
+            let grad_value =
+                B::float_matmul(B::float_swap_dims(probs.clone(), 2, 3), grad_output.clone());
+            grads.register::<B>(node.id, grad_value);
+        }
+        if query_node.is_none() && key_node.is_none() {
+            return;
+        }
+        // dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), with the softmax scale folded in.
+        let grad_probs = B::float_matmul(grad_output.clone(), B::float_swap_dims(value, 2, 3));
+        let row_dot = B::float_sum_dim(B::float_mul(grad_output, output), 3);
+        let grad_scores = B::float_mul_scalar(
+            B::float_mul(probs, B::float_sub(grad_probs, row_dot)),
+            scale.into(),
+        );
+        if let Some(node) = query_node {
+            grads.register::<B>(node.id, B::float_matmul(grad_scores.clone(), key));
+        }
+        if let Some(node) = key_node {
+            let grad_key = B::float_matmul(B::float_swap_dims(grad_scores, 2, 3), query);
+            grads.register::<B>(node.id, grad_key);
+        }
+    }
+}
+
+/// `softmax(scale · Q Kᵀ, masked)`, with rows whose keys are all masked set to zero as the
+/// forward kernel sets them. Masked scores are the dtype's lowest finite value rather than
+/// `-inf`, so the backend's fused softmax needs no NaN guard; the few rows that see no key at all
+/// (left padding) are zeroed afterwards.
+fn attention_probabilities<B: Backend>(
+    query: FloatTensor<B>,
+    key: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    // Scaling Q ([.., tokens, head_dim]) is cheaper than scaling the [.., tokens, tokens] scores.
+    let scores = B::float_matmul(
+        B::float_mul_scalar(query, scale.into()),
+        B::float_swap_dims(key, 2, 3),
+    );
+    let Some(mask) = mask else {
+        return B::softmax(scores, 3);
+    };
+    let lowest = scores
+        .dtype()
+        .finfo()
+        .expect("attention scores are floats")
+        .min;
+    let shape = scores.shape();
+    let probs = B::softmax(B::float_mask_fill(scores, mask.clone(), lowest.into()), 3);
+    let sees_nothing = B::bool_expand(B::bool_all_dim(mask, 3), shape);
+    B::float_mask_fill(probs, sees_nothing, 0.0f32.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Bool, Device, Distribution, Tensor};
+
+    use crate::nn::attention::{scaled_attention, MaskSpec};
+
+    /// Attention written out in tensor operations and differentiated by Burn's autodiff; a query
+    /// with no visible key is zeroed, as the fused kernel does.
+    fn composed(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Tensor<4, Bool>,
+        scale: f64,
+    ) -> Tensor<4> {
+        let visible = mask.clone().bool_not().any_dim(3).float();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let probs = softmax(scores.mask_fill(mask, -1.0e9), 3) * visible;
+        probs.matmul(v)
+    }
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().expect("f32 tensor")
+    }
+
+    fn assert_close(a: Tensor<4>, b: Tensor<4>, what: &str) {
+        let worst = values(a)
+            .iter()
+            .zip(values(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "{what}: max difference {worst}");
+    }
+
+    #[test]
+    fn gradients_match_the_composed_attention() {
+        let plain = Device::flex();
+        let device = plain.clone().autodiff();
+        plain.seed(7);
+        let shape = [2, 3, 6, 4];
+        let make = || Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &plain);
+        let (q0, k0, v0, upstream) = (make(), make(), make(), make());
+        // Causal, with left padding in the second row: its first two queries see no key.
+        let spec = MaskSpec::causal(
+            vec![vec![true; 6], vec![false, false, true, true, true, true]],
+            0,
+            6,
+        );
+        let mask = spec.build(3, None, &device).expect("something is masked");
+        let scale = 0.5;
+
+        let run = |fused: bool| {
+            let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
+            let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
+            let out = if fused {
+                scaled_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), scale)
+            } else {
+                composed(q.clone(), k.clone(), v.clone(), mask.clone(), scale)
+            };
+            let weights = Tensor::<4>::from_data(upstream.to_data(), &device);
+            let grads = (out.clone() * weights).sum().backward();
+            let grad = |t: &Tensor<4>| {
+                Tensor::<4>::from_data(t.grad(&grads).expect("tracked").to_data(), &plain)
+            };
+            [out.inner(), grad(&q), grad(&k), grad(&v)]
+        };
+        let [out, dq, dk, dv] = run(true);
+        let [ref_out, ref_dq, ref_dk, ref_dv] = run(false);
+        assert_close(out.clone(), ref_out, "output");
+        assert_close(dq, ref_dq, "query gradient");
+        assert_close(dk, ref_dk, "key gradient");
+        assert_close(dv, ref_dv, "value gradient");
+        let hidden = out.narrow(0, 1, 1).narrow(2, 0, 2);
+        assert_eq!(
+            values(hidden),
+            vec![0.0; 3 * 2 * 4],
+            "no visible key gives zeros"
+        );
+    }
+}
