@@ -1,5 +1,6 @@
 //! `resonance`: train, score and run vision-language models on CPU, wgpu or CUDA.
 
+mod allocator;
 mod backend;
 mod bench;
 mod plot;
@@ -166,6 +167,7 @@ enum DataCommand {
 }
 
 fn main() {
+    allocator::configure_for_tensors();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
