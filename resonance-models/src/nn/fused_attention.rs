@@ -215,9 +215,9 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
 }
 
 /// `softmax(scale · Q Kᵀ, masked)`, with rows whose keys are all masked set to zero as the
-/// forward kernel sets them. Masked scores are the dtype's lowest finite value rather than
-/// `-inf`, so the backend's fused softmax needs no NaN guard; the few rows that see no key at all
-/// (left padding) are zeroed afterwards.
+/// forward kernel sets them. Masked scores are `-inf` (a finite lowest value would send libm's
+/// `expf` down its slow underflow path); the rows that see no key at all (left padding) come out
+/// of the backend's softmax as NaN and are overwritten with zeros.
 fn attention_probabilities<B: Backend>(
     query: FloatTensor<B>,
     key: FloatTensor<B>,
@@ -232,13 +232,11 @@ fn attention_probabilities<B: Backend>(
     let Some(mask) = mask else {
         return B::softmax(scores, 3);
     };
-    let lowest = scores
-        .dtype()
-        .finfo()
-        .expect("attention scores are floats")
-        .min;
     let shape = scores.shape();
-    let probs = B::softmax(B::float_mask_fill(scores, mask.clone(), lowest.into()), 3);
+    let probs = B::softmax(
+        B::float_mask_fill(scores, mask.clone(), f32::NEG_INFINITY.into()),
+        3,
+    );
     let sees_nothing = B::bool_expand(B::bool_all_dim(mask, 3), shape);
     B::float_mask_fill(probs, sees_nothing, 0.0f32.into())
 }
