@@ -319,7 +319,11 @@ fn kto_starts_at_one_half_and_separates_desirable_from_undesirable() {
         "{}",
         m[0]
     );
-    assert_eq!(m[0]["kl"].as_f64().unwrap(), 0.0);
+    // The policy runs under autodiff, the reference without: with LoRA on the vision tower the
+    // two forwards differ in the last bits (a few ulps of the tower's activations), so the KL of
+    // summed log-probs is 0 up to f32 rounding rather than exactly.
+    let kl = m[0]["kl"].as_f64().unwrap();
+    assert!(kl.abs() < 1e-5, "step-0 KL {kl}");
     let mean = |rows: &[serde_json::Value], key: &str| {
         rows.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len() as f64
     };

@@ -16,8 +16,9 @@
 //! It costs one more `Q Kᵀ` product per layer in the backward pass and saves the score-sized
 //! activations of every layer.
 //!
-//! The extension is routed for Burn's CPU backend (`flex`), plain and under autodiff; on other
-//! backends [`crate::nn::attention::scaled_attention`] keeps Burn's own attention.
+//! The extension is routed for Burn's CPU backend (`flex`), plain and under autodiff; its forward
+//! pass there is [`crate::nn::cpu_attention`]'s block kernel. On other backends
+//! [`crate::nn::attention::scaled_attention`] keeps Burn's own attention.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -70,7 +71,7 @@ impl RecomputingAttention for Flex {
         mask: BoolTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        Flex::attention(query, key, value, Some(mask), None, options(scale))
+        flex_attention(query, key, value, Some(mask), scale)
     }
 
     fn recomputing_attention_unmasked(
@@ -79,11 +80,26 @@ impl RecomputingAttention for Flex {
         value: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        Flex::attention(query, key, value, None, None, options(scale))
+        flex_attention(query, key, value, None, scale)
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> RecomputingAttention for Autodiff<B, C> {
+/// Resonance's block kernel for f32 (`cpu_attention`), flex's own kernel otherwise.
+fn flex_attention(
+    query: FloatTensor<Flex>,
+    key: FloatTensor<Flex>,
+    value: FloatTensor<Flex>,
+    mask: Option<BoolTensor<Flex>>,
+    scale: f64,
+) -> FloatTensor<Flex> {
+    match crate::nn::cpu_attention::attention_f32(&query, &key, &value, mask.as_ref(), scale as f32)
+    {
+        Some(output) => output,
+        None => Flex::attention(query, key, value, mask, None, options(scale)),
+    }
+}
+
+impl<B: RecomputingAttention, C: CheckpointStrategy> RecomputingAttention for Autodiff<B, C> {
     fn recomputing_attention(
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
@@ -104,9 +120,23 @@ impl<B: Backend, C: CheckpointStrategy> RecomputingAttention for Autodiff<B, C> 
     }
 }
 
+/// The inner backend's forward pass of the extension.
+fn inner_attention<B: RecomputingAttention>(
+    query: FloatTensor<B>,
+    key: FloatTensor<B>,
+    value: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    match mask {
+        Some(mask) => B::recomputing_attention(query, key, value, mask, scale),
+        None => B::recomputing_attention_unmasked(query, key, value, scale),
+    }
+}
+
 /// The forward pass under autodiff: the inner backend's attention, and the backward step
 /// registered with the inputs and the output as its state.
-fn tracked_attention<B: Backend, C: CheckpointStrategy>(
+fn tracked_attention<B: RecomputingAttention, C: CheckpointStrategy>(
     query: FloatTensor<Autodiff<B, C>>,
     key: FloatTensor<Autodiff<B, C>>,
     value: FloatTensor<Autodiff<B, C>>,
@@ -125,14 +155,7 @@ fn tracked_attention<B: Backend, C: CheckpointStrategy>(
                 key.into_primitive(),
                 value.into_primitive(),
             );
-            let out = B::attention(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                mask.clone(),
-                None,
-                options(scale),
-            );
+            let out = inner_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
             let state = AttentionState {
                 query: q,
                 key: k,
@@ -143,13 +166,12 @@ fn tracked_attention<B: Backend, C: CheckpointStrategy>(
             };
             prep.finish(state, out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::attention(
+        OpsKind::UnTracked(prep) => prep.finish(inner_attention::<B>(
             query.into_primitive(),
             key.into_primitive(),
             value.into_primitive(),
             mask,
-            None,
-            options(scale),
+            scale,
         )),
     }
 }
@@ -320,5 +342,36 @@ mod tests {
             vec![0.0; 3 * 2 * 4],
             "no visible key gives zeros"
         );
+    }
+
+    /// DPO's reference runs without autodiff and the policy with it: on the same inputs the two
+    /// paths must agree to the bit, or a step-0 policy/reference margin would not be exactly 0.
+    #[test]
+    fn autodiff_and_plain_forward_agree_to_the_bit() {
+        let plain = Device::flex();
+        let device = plain.clone().autodiff();
+        plain.seed(3);
+        let shape = [2, 4, 100, 16];
+        let make = || Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &plain);
+        let (q, k, v) = (make(), make(), make());
+        let padded = [vec![false; 7], vec![true; 93]].concat();
+        let spec = MaskSpec::causal(vec![vec![true; 100], padded], 0, 100);
+        let direct = scaled_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            spec.build(4, None, &plain),
+            0.25,
+        );
+        let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
+        let tracked = scaled_attention(
+            leaf(&q),
+            leaf(&k),
+            leaf(&v),
+            spec.build(4, None, &device),
+            0.25,
+        );
+        let bits = |t: Tensor<4>| values(t).into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(direct), bits(tracked.inner()));
     }
 }

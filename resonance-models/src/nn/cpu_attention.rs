@@ -1,0 +1,412 @@
+//! The f32 forward kernel of the attention extension on Burn's CPU backend (`flex`).
+//!
+//! flex's own kernel scores every query against every key and runs a scalar softmax with libm's
+//! `expf` over the whole square, masked half included; in the benchmark that was a fifth of a
+//! forward pass. This kernel works on blocks of queries: it finds the keys the block can see (for a
+//! causal mask, the keys up to the block's last query), multiplies only those (`gemm`, the same
+//! crate flex uses), and computes the exponentials with a branch-free polynomial the compiler
+//! vectorises. Queries that see no key get zeros, as flex's kernel gives them.
+
+use burn::tensor::{DType, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// Queries per block: small enough that a causal block skips most masked keys, large enough for
+/// the block's two products to run at the GEMM's speed.
+const QUERY_BLOCK: usize = 64;
+
+/// `softmax(scale · Q Kᵀ, masked) V` for f32 tensors `[batch, heads, tokens, dim]` (`key` and
+/// `value` may have fewer heads, shared by groups of query heads). `mask` (`true` = hidden) is
+/// `[batch, heads or 1, queries, keys]`. Returns `None` for inputs this kernel does not take
+/// (another dtype, an unexpected mask layout); the caller then uses flex's kernel.
+pub fn attention_f32(
+    query: &FlexTensor,
+    key: &FlexTensor,
+    value: &FlexTensor,
+    mask: Option<&FlexTensor>,
+    scale: f32,
+) -> Option<FlexTensor> {
+    if [query, key, value].iter().any(|t| t.dtype() != DType::F32) {
+        return None;
+    }
+    let dims =
+        |t: &FlexTensor| -> Option<[usize; 4]> { t.layout().shape().as_slice().try_into().ok() };
+    let [batch, heads, queries, dim] = dims(query)?;
+    let [key_batch, kv_heads, keys, key_dim] = dims(key)?;
+    let [value_batch, value_heads, value_keys, value_dim] = dims(value)?;
+    if key_batch != batch
+        || value_batch != batch
+        || key_dim != dim
+        || value_heads != kv_heads
+        || value_keys != keys
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || dim == 0
+    {
+        return None;
+    }
+    let mask = match mask {
+        Some(mask) => Some(MaskView::new(mask, [batch, heads, queries, keys])?),
+        None => None,
+    };
+    let (query, key, value) = (
+        query.to_contiguous(),
+        key.to_contiguous(),
+        value.to_contiguous(),
+    );
+    let (q, k, v): (&[f32], &[f32], &[f32]) = (
+        contiguous_slice(&query),
+        contiguous_slice(&key),
+        contiguous_slice(&value),
+    );
+    let group = heads / kv_heads;
+    let mut output = vec![0.0f32; batch * heads * queries * value_dim];
+    if queries > 0 && value_dim > 0 {
+        output
+            .par_chunks_mut(queries * value_dim)
+            .enumerate()
+            .for_each(|(head_index, out)| {
+                let (b, h) = (head_index / heads, head_index % heads);
+                let kv = b * kv_heads + h / group;
+                let head = Head {
+                    q: &q[head_index * queries * dim..][..queries * dim],
+                    k: &k[kv * keys * dim..][..keys * dim],
+                    v: &v[kv * keys * value_dim..][..keys * value_dim],
+                    dim,
+                    value_dim,
+                    keys,
+                    scale,
+                };
+                head.attend(out, mask.as_ref().map(|m| (m, b, h)));
+            });
+    }
+    Some(FlexTensor::from_data(TensorData::new(
+        output,
+        [batch, heads, queries, value_dim],
+    )))
+}
+
+fn contiguous_slice(t: &FlexTensor) -> &[f32] {
+    let start = t.layout().start_offset();
+    &t.storage::<f32>()[start..start + t.layout().num_elements()]
+}
+
+/// A boolean mask read in place through its strides (an expanded head dimension costs nothing).
+struct MaskView<'a> {
+    bytes: &'a [u8],
+    start: usize,
+    strides: [usize; 4],
+}
+
+impl<'a> MaskView<'a> {
+    fn new(mask: &'a FlexTensor, target: [usize; 4]) -> Option<Self> {
+        if !matches!(mask.dtype(), DType::Bool(_)) || mask.dtype().size() != 1 {
+            return None;
+        }
+        let layout = mask.layout();
+        let shape: [usize; 4] = layout.shape().as_slice().try_into().ok()?;
+        let mut strides = [0usize; 4];
+        for axis in 0..4 {
+            let stride = layout.strides()[axis];
+            if stride < 0 {
+                return None;
+            }
+            strides[axis] = if shape[axis] == target[axis] {
+                stride as usize
+            } else if shape[axis] == 1 {
+                0
+            } else {
+                return None;
+            };
+        }
+        if target[3] > 1 && strides[3] != 1 {
+            return None;
+        }
+        Some(MaskView {
+            bytes: mask.storage::<u8>(),
+            start: layout.start_offset(),
+            strides,
+        })
+    }
+
+    /// The hidden flags of query `i` of head `(b, h)` over keys `0..keys`.
+    fn row(&self, b: usize, h: usize, i: usize, keys: usize) -> &[u8] {
+        let offset = self.start + b * self.strides[0] + h * self.strides[1] + i * self.strides[2];
+        &self.bytes[offset..offset + keys]
+    }
+}
+
+/// One (batch, head) pair's operands, contiguous.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dim: usize,
+    value_dim: usize,
+    keys: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    fn attend(&self, out: &mut [f32], mask: Option<(&MaskView, usize, usize)>) {
+        let queries = out.len() / self.value_dim;
+        let mut scores = vec![0.0f32; QUERY_BLOCK.min(queries) * self.keys];
+        for first in (0..queries).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(queries - first);
+            let rows_of = |i: usize| mask.map(|(m, b, h)| m.row(b, h, first + i, self.keys));
+            // The keys any query of the block may see.
+            let (lo, hi) = match mask {
+                None => (0, self.keys),
+                Some(_) => (0..rows)
+                    .filter_map(|i| visible_span(rows_of(i).unwrap_or(&[])))
+                    .fold((self.keys, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
+            };
+            let block_out = &mut out[first * self.value_dim..(first + rows) * self.value_dim];
+            if lo >= hi {
+                block_out.fill(0.0);
+                continue;
+            }
+            let span = hi - lo;
+            let block_scores = &mut scores[..rows * span];
+            // scores = scale · Q[block] · K[lo..hi]ᵀ
+            // SAFETY: every pointer/stride pair addresses memory inside the slices above
+            // (`rows × dim` of Q, `span × dim` of K, `rows × span` of scores).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    span,
+                    self.dim,
+                    block_scores.as_mut_ptr(),
+                    1,
+                    span as isize,
+                    false,
+                    self.q[first * self.dim..].as_ptr(),
+                    1,
+                    self.dim as isize,
+                    self.k[lo * self.dim..].as_ptr(),
+                    self.dim as isize,
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
+                if let Some(hidden) = rows_of(i) {
+                    for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
+                        *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                    }
+                }
+                softmax_in_place(row);
+            }
+            // out[block] = P · V[lo..hi]
+            // SAFETY: `rows × span` of P, `span × value_dim` of V, `rows × value_dim` of out.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    self.value_dim,
+                    span,
+                    block_out.as_mut_ptr(),
+                    1,
+                    self.value_dim as isize,
+                    false,
+                    block_scores.as_ptr(),
+                    1,
+                    span as isize,
+                    self.v[lo * self.value_dim..].as_ptr(),
+                    1,
+                    self.value_dim as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+}
+
+/// `[first visible key, last visible key + 1)` of a mask row, `None` when every key is hidden.
+fn visible_span(hidden: &[u8]) -> Option<(usize, usize)> {
+    let first = hidden.iter().position(|&m| m == 0)?;
+    let last = hidden.iter().rposition(|&m| m == 0)?;
+    Some((first, last + 1))
+}
+
+/// Softmax of one row in place; a row of `-inf` (no visible key) becomes zeros.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    for x in row.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    // Eight partial sums: a fixed order (deterministic) that still vectorises.
+    let mut partial = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (p, &x) in partial.iter_mut().zip(chunk) {
+            *p += x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    let sum = partial.iter().sum::<f32>() + tail;
+    let inverse = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inverse;
+    }
+}
+
+/// `eˣ` for `x ≤ 0` (scores minus their row maximum), branch-free so that loops over it
+/// vectorise: Cody–Waite reduction by ln 2 and Cephes' degree-5 polynomial (relative error
+/// ~1e-7). Below −87 (where `eˣ` leaves the normal f32 range) and at `-inf` it returns 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOWEST: f32 = -87.0;
+    let keep = if x > LOWEST { 1.0 } else { 0.0 };
+    let x = if x > LOWEST { x } else { LOWEST };
+    // Round x·log2(e) to the nearest integer with the 1.5·2²³ trick (no SSE4.1 `round` needed).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    e_r * two_n * keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::ops::ModuleOps;
+    use burn::backend::Flex;
+    use burn::tensor::ops::AttentionModuleOptions;
+
+    #[test]
+    fn polynomial_exp_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in 0..200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            let relative = ((exp_nonpositive(x) as f64) - exact).abs() / exact;
+            worst = worst.max(relative);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    fn tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn random(shape: [usize; 4], seed: u64) -> FlexTensor {
+        let n: usize = shape.iter().product();
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let values = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        tensor(values, shape)
+    }
+
+    fn values(t: FlexTensor) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().expect("f32")
+    }
+
+    /// Compares with flex's own kernel on the same inputs.
+    fn check(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        queries: usize,
+        keys: usize,
+        hidden: Option<Vec<bool>>,
+    ) {
+        let (dim, value_dim) = (8, 6);
+        let q = random([batch, heads, queries, dim], 1);
+        let k = random([batch, kv_heads, keys, dim], 2);
+        let v = random([batch, kv_heads, keys, value_dim], 3);
+        // One mask row per batch entry, broadcast over the heads by both kernels.
+        let mask =
+            hidden.map(|h| FlexTensor::from_data(TensorData::new(h, [batch, 1, queries, keys])));
+        let ours = attention_f32(&q, &k, &v, mask.as_ref(), 0.3).expect("f32 inputs");
+        // flex's kernel wants as many key heads as query heads.
+        let repeat = |t: FlexTensor, d: usize| {
+            let data = values(t);
+            let per_head = data.len() / (batch * kv_heads);
+            let mut out = Vec::new();
+            for b in 0..batch {
+                for h in 0..heads {
+                    let kv = b * kv_heads + h / (heads / kv_heads);
+                    out.extend_from_slice(&data[kv * per_head..(kv + 1) * per_head]);
+                }
+            }
+            tensor(out, [batch, heads, keys, d])
+        };
+        let options = AttentionModuleOptions {
+            scale: Some(0.3),
+            ..Default::default()
+        };
+        let reference =
+            Flex::attention(q, repeat(k, dim), repeat(v, value_dim), mask, None, options);
+        let (ours, reference) = (values(ours), values(reference));
+        let worst = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 2e-6, "max difference {worst}");
+    }
+
+    fn causal(
+        batch: usize,
+        queries: usize,
+        keys: usize,
+        padding: &[usize],
+        window: Option<usize>,
+    ) -> Vec<bool> {
+        let past = keys - queries;
+        let mut hidden = Vec::new();
+        for &pad in padding.iter().take(batch) {
+            for i in 0..queries {
+                for j in 0..keys {
+                    let position = past + i;
+                    let outside = window.is_some_and(|w| position >= j + w);
+                    hidden.push(j < pad || j > position || outside);
+                }
+            }
+        }
+        hidden
+    }
+
+    #[test]
+    fn matches_flex_kernel() {
+        check(2, 4, 4, 70, 70, None);
+        check(2, 4, 4, 150, 150, Some(causal(2, 150, 150, &[0, 0], None)));
+        // Left padding: the first queries of row 1 see no key.
+        check(2, 4, 2, 130, 130, Some(causal(2, 130, 130, &[0, 5], None)));
+        // Decoding one token after a cache, grouped-query heads, a sliding window.
+        check(2, 6, 2, 1, 90, Some(causal(2, 1, 90, &[3, 0], None)));
+        check(1, 2, 1, 100, 100, Some(causal(1, 100, 100, &[0], Some(16))));
+    }
+}
