@@ -49,29 +49,26 @@ pub fn attention_f32(
         Some(mask) => Some(MaskView::new(mask, [batch, heads, queries, keys])?),
         None => None,
     };
-    let (query, key, value) = (
-        query.to_contiguous(),
-        key.to_contiguous(),
-        value.to_contiguous(),
-    );
-    let (q, k, v): (&[f32], &[f32], &[f32]) = (
-        contiguous_slice(&query),
-        contiguous_slice(&key),
-        contiguous_slice(&value),
+    // Q, K and V arrive as `[b, t, h, d]` buffers seen through a head-swapping view; they are
+    // read through their strides rather than copied.
+    let (query, key, value) = (readable(query), readable(key), readable(value));
+    let (q, k, v) = (
+        StridedTensor::new(&query)?,
+        StridedTensor::new(&key)?,
+        StridedTensor::new(&value)?,
     );
     let group = heads / kv_heads;
     let mut output = vec![0.0f32; batch * heads * queries * value_dim];
-    if queries > 0 && value_dim > 0 {
+    if queries > 0 && value_dim > 0 && keys > 0 {
         output
             .par_chunks_mut(queries * value_dim)
             .enumerate()
             .for_each(|(head_index, out)| {
                 let (b, h) = (head_index / heads, head_index % heads);
-                let kv = b * kv_heads + h / group;
                 let head = Head {
-                    q: &q[head_index * queries * dim..][..queries * dim],
-                    k: &k[kv * keys * dim..][..keys * dim],
-                    v: &v[kv * keys * value_dim..][..keys * value_dim],
+                    q: q.matrix(b, h),
+                    k: k.matrix(b, h / group),
+                    v: v.matrix(b, h / group),
                     dim,
                     value_dim,
                     keys,
@@ -86,9 +83,72 @@ pub fn attention_f32(
     )))
 }
 
-fn contiguous_slice(t: &FlexTensor) -> &[f32] {
-    let start = t.layout().start_offset();
-    &t.storage::<f32>()[start..start + t.layout().num_elements()]
+/// The tensor itself when its strides are all non-negative (a cheap shared handle), otherwise a
+/// contiguous copy.
+fn readable(t: &FlexTensor) -> FlexTensor {
+    if t.layout().strides().iter().all(|&s| s >= 0) {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// An f32 tensor of rank 4 read through its layout.
+struct StridedTensor<'a> {
+    data: &'a [f32],
+    start: usize,
+    strides: [usize; 4],
+}
+
+impl<'a> StridedTensor<'a> {
+    /// `None` for negative strides or a layout that would read past the buffer.
+    fn new(t: &'a FlexTensor) -> Option<Self> {
+        let layout = t.layout();
+        let shape: [usize; 4] = layout.shape().as_slice().try_into().ok()?;
+        let mut strides = [0usize; 4];
+        for (stride, &s) in strides.iter_mut().zip(layout.strides()) {
+            *stride = usize::try_from(s).ok()?;
+        }
+        let data = t.storage::<f32>();
+        let start = layout.start_offset();
+        if shape.iter().all(|&n| n > 0) {
+            let last = start + (0..4).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>();
+            if last >= data.len() {
+                return None;
+            }
+        }
+        Some(StridedTensor {
+            data,
+            start,
+            strides,
+        })
+    }
+
+    /// The `[tokens, dim]` matrix of batch entry `b`, head `h`.
+    fn matrix(&self, b: usize, h: usize) -> Matrix<'a> {
+        Matrix {
+            data: self.data,
+            offset: self.start + b * self.strides[0] + h * self.strides[1],
+            row: self.strides[2],
+            column: self.strides[3],
+        }
+    }
+}
+
+/// A strided matrix inside a tensor's buffer.
+#[derive(Clone, Copy)]
+struct Matrix<'a> {
+    data: &'a [f32],
+    offset: usize,
+    row: usize,
+    column: usize,
+}
+
+impl Matrix<'_> {
+    /// A pointer to the start of row `i` (in bounds: `StridedTensor::new` checked the extent).
+    fn row_ptr(&self, i: usize) -> *const f32 {
+        self.data[self.offset + i * self.row..].as_ptr()
+    }
 }
 
 /// A boolean mask read in place through its strides (an expanded head dimension costs nothing).
@@ -136,11 +196,11 @@ impl<'a> MaskView<'a> {
     }
 }
 
-/// One (batch, head) pair's operands, contiguous.
+/// One (batch, head) pair's operands.
 struct Head<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Matrix<'a>,
+    k: Matrix<'a>,
+    v: Matrix<'a>,
     dim: usize,
     value_dim: usize,
     keys: usize,
@@ -169,8 +229,8 @@ impl Head<'_> {
             let span = hi - lo;
             let block_scores = &mut scores[..rows * span];
             // scores = scale · Q[block] · K[lo..hi]ᵀ
-            // SAFETY: every pointer/stride pair addresses memory inside the slices above
-            // (`rows × dim` of Q, `span × dim` of K, `rows × span` of scores).
+            // SAFETY: Q rows `first..first + rows` and K rows `lo..hi` lie inside their buffers
+            // (`StridedTensor::new` checked the whole extent); scores hold `rows × span`.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -180,12 +240,12 @@ impl Head<'_> {
                     1,
                     span as isize,
                     false,
-                    self.q[first * self.dim..].as_ptr(),
-                    1,
-                    self.dim as isize,
-                    self.k[lo * self.dim..].as_ptr(),
-                    self.dim as isize,
-                    1,
+                    self.q.row_ptr(first),
+                    self.q.column as isize,
+                    self.q.row as isize,
+                    self.k.row_ptr(lo),
+                    self.k.row as isize,
+                    self.k.column as isize,
                     0.0,
                     self.scale,
                     false,
@@ -203,7 +263,8 @@ impl Head<'_> {
                 softmax_in_place(row);
             }
             // out[block] = P · V[lo..hi]
-            // SAFETY: `rows × span` of P, `span × value_dim` of V, `rows × value_dim` of out.
+            // SAFETY: `rows × span` of P, V rows `lo..hi` (checked extent), `rows × value_dim`
+            // of out.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -216,9 +277,9 @@ impl Head<'_> {
                     block_scores.as_ptr(),
                     1,
                     span as isize,
-                    self.v[lo * self.value_dim..].as_ptr(),
-                    1,
-                    self.value_dim as isize,
+                    self.v.row_ptr(lo),
+                    self.v.column as isize,
+                    self.v.row as isize,
                     0.0,
                     1.0,
                     false,
@@ -343,9 +404,10 @@ mod tests {
         hidden: Option<Vec<bool>>,
     ) {
         let (dim, value_dim) = (8, 6);
-        let q = random([batch, heads, queries, dim], 1);
+        // Q as the model passes it: a `[b, t, h, d]` buffer seen as `[b, h, t, d]`.
+        let q = random([batch, queries, heads, dim], 1).transpose(1, 2);
         let k = random([batch, kv_heads, keys, dim], 2);
-        let v = random([batch, kv_heads, keys, value_dim], 3);
+        let v = random([batch, keys, kv_heads, value_dim], 3).transpose(1, 2);
         // One mask row per batch entry, broadcast over the heads by both kernels.
         let mask =
             hidden.map(|h| FlexTensor::from_data(TensorData::new(h, [batch, 1, queries, keys])));
