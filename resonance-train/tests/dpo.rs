@@ -319,9 +319,9 @@ fn kto_starts_at_one_half_and_separates_desirable_from_undesirable() {
         "{}",
         m[0]
     );
-    // The policy runs under autodiff, the reference without: with LoRA on the vision tower the
-    // two forwards differ in the last bits (a few ulps of the tower's activations), so the KL of
-    // summed log-probs is 0 up to f32 rounding rather than exactly.
+    // The policy runs under autodiff, the reference without: flex's fused LayerNorm (plain) and
+    // Burn's composed one (autodiff) differ in the last bits of the vision tower's activations,
+    // so the KL of summed log-probs is 0 up to f32 rounding rather than exactly.
     let kl = m[0]["kl"].as_f64().unwrap();
     assert!(kl.abs() < 1e-5, "step-0 KL {kl}");
     let mean = |rows: &[serde_json::Value], key: &str| {

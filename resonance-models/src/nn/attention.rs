@@ -2,10 +2,9 @@
 
 use burn::backend::Dispatch;
 use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::nn::fused_attention::RecomputingAttention;
+use crate::nn::fused_attention::{extension_attention, options};
 
 /// Which key positions each query may attend to, for a whole batch.
 ///
@@ -101,26 +100,16 @@ pub fn scaled_attention(
     if q.device().inner() == Device::flex() {
         // On the CPU backend, the extension's backward pass recomputes the probabilities instead
         // of keeping Burn's composed score-matrix intermediates (see `fused_attention`).
-        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
-        let out = match mask {
-            Some(mask) => <Dispatch as RecomputingAttention>::recomputing_attention(
-                q,
-                k,
-                v,
-                mask.into_dispatch(),
-                scale,
-            ),
-            None => {
-                <Dispatch as RecomputingAttention>::recomputing_attention_unmasked(q, k, v, scale)
-            }
-        };
+        let out = extension_attention::<Dispatch>(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            mask.map(Tensor::into_dispatch),
+            scale,
+        );
         return Tensor::from_dispatch(out);
     }
-    let options = AttentionModuleOptions {
-        scale: Some(scale),
-        ..Default::default()
-    };
-    attention(q, k, v, mask, None, options)
+    attention(q, k, v, mask, None, options(scale))
 }
 
 /// Keys and values of the tokens seen so far, one entry per decoder layer.

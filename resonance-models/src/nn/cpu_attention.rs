@@ -352,9 +352,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::fused_attention::options;
     use burn::backend::ops::ModuleOps;
     use burn::backend::Flex;
-    use burn::tensor::ops::AttentionModuleOptions;
 
     #[test]
     fn polynomial_exp_is_accurate() {
@@ -425,12 +425,14 @@ mod tests {
             }
             tensor(out, [batch, heads, keys, d])
         };
-        let options = AttentionModuleOptions {
-            scale: Some(0.3),
-            ..Default::default()
-        };
-        let reference =
-            Flex::attention(q, repeat(k, dim), repeat(v, value_dim), mask, None, options);
+        let reference = Flex::attention(
+            q,
+            repeat(k, dim),
+            repeat(v, value_dim),
+            mask,
+            None,
+            options(0.3),
+        );
         let (ours, reference) = (values(ours), values(reference));
         let worst = ours
             .iter()

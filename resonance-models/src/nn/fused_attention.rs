@@ -30,7 +30,8 @@ use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{backend_extension, Backend, Flex, TensorMetadata};
 use burn::tensor::ops::AttentionModuleOptions;
 
-fn options(scale: f64) -> AttentionModuleOptions {
+/// Burn's attention options for an explicit softmax scale.
+pub(crate) fn options(scale: f64) -> AttentionModuleOptions {
     AttentionModuleOptions {
         scale: Some(scale),
         ..Default::default()
@@ -120,8 +121,9 @@ impl<B: RecomputingAttention, C: CheckpointStrategy> RecomputingAttention for Au
     }
 }
 
-/// The inner backend's forward pass of the extension.
-fn inner_attention<B: RecomputingAttention>(
+/// The extension's forward pass on backend `B` (`Dispatch` from the tensor API, the inner
+/// backend under autodiff), through the masked or the unmasked method.
+pub(crate) fn extension_attention<B: RecomputingAttention>(
     query: FloatTensor<B>,
     key: FloatTensor<B>,
     value: FloatTensor<B>,
@@ -155,7 +157,8 @@ fn tracked_attention<B: RecomputingAttention, C: CheckpointStrategy>(
                 key.into_primitive(),
                 value.into_primitive(),
             );
-            let out = inner_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
+            let out =
+                extension_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
             let state = AttentionState {
                 query: q,
                 key: k,
@@ -166,7 +169,7 @@ fn tracked_attention<B: RecomputingAttention, C: CheckpointStrategy>(
             };
             prep.finish(state, out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(inner_attention::<B>(
+        OpsKind::UnTracked(prep) => prep.finish(extension_attention::<B>(
             query.into_primitive(),
             key.into_primitive(),
             value.into_primitive(),
