@@ -26,27 +26,9 @@ pub fn attention_f32(
     mask: Option<&FlexTensor>,
     scale: f32,
 ) -> Option<FlexTensor> {
-    if [query, key, value].iter().any(|t| t.dtype() != DType::F32) {
-        return None;
-    }
-    let dims =
-        |t: &FlexTensor| -> Option<[usize; 4]> { t.layout().shape().as_slice().try_into().ok() };
-    let [batch, heads, queries, dim] = dims(query)?;
-    let [key_batch, kv_heads, keys, key_dim] = dims(key)?;
-    let [value_batch, value_heads, value_keys, value_dim] = dims(value)?;
-    if key_batch != batch
-        || value_batch != batch
-        || key_dim != dim
-        || value_heads != kv_heads
-        || value_keys != keys
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || dim == 0
-    {
-        return None;
-    }
+    let shape = Shape::of(query, key, value)?;
     let mask = match mask {
-        Some(mask) => Some(MaskView::new(mask, [batch, heads, queries, keys])?),
+        Some(mask) => Some(MaskView::new(mask, shape.score_dims())?),
         None => None,
     };
     // Q, K and V arrive as `[b, t, h, d]` buffers seen through a head-swapping view; they are
@@ -57,30 +39,199 @@ pub fn attention_f32(
         StridedTensor::new(&key)?,
         StridedTensor::new(&value)?,
     );
-    let group = heads / kv_heads;
-    let mut output = vec![0.0f32; batch * heads * queries * value_dim];
-    if queries > 0 && value_dim > 0 && keys > 0 {
+    let mut output = vec![0.0f32; shape.output_len()];
+    if !shape.is_empty() {
         output
-            .par_chunks_mut(queries * value_dim)
+            .par_chunks_mut(shape.queries * shape.value_dim)
             .enumerate()
             .for_each(|(head_index, out)| {
-                let (b, h) = (head_index / heads, head_index % heads);
-                let head = Head {
-                    q: q.matrix(b, h),
-                    k: k.matrix(b, h / group),
-                    v: v.matrix(b, h / group),
-                    dim,
-                    value_dim,
-                    keys,
-                    scale,
-                };
+                let (b, h) = (head_index / shape.heads, head_index % shape.heads);
+                let head = shape.head(&q, &k, &v, b, h, scale);
                 head.attend(out, mask.as_ref().map(|m| (m, b, h)));
             });
     }
     Some(FlexTensor::from_data(TensorData::new(
         output,
-        [batch, heads, queries, value_dim],
+        shape.output_dims(),
     )))
+}
+
+/// The gradients `[dQ, dK, dV]` of [`attention_f32`] given its output `O` and the gradient `dO`
+/// of the loss with respect to it (both `[batch, heads, queries, value_dim]`). The probabilities
+/// are recomputed block by block, as in the forward pass, so no score-sized tensor is built.
+/// Returns `None` for inputs the forward kernel would not take.
+pub fn attention_backward_f32(
+    query: &FlexTensor,
+    key: &FlexTensor,
+    value: &FlexTensor,
+    mask: Option<&FlexTensor>,
+    output: &FlexTensor,
+    grad_output: &FlexTensor,
+    scale: f32,
+) -> Option<[FlexTensor; 3]> {
+    let shape = Shape::of(query, key, value)?;
+    let output_dims = shape.output_dims();
+    for t in [output, grad_output] {
+        if t.dtype() != DType::F32 || t.layout().shape().as_slice() != output_dims.as_slice() {
+            return None;
+        }
+    }
+    let mask = match mask {
+        Some(mask) => Some(MaskView::new(mask, shape.score_dims())?),
+        None => None,
+    };
+    let (query, key, value) = (readable(query), readable(key), readable(value));
+    let (output, grad_output) = (readable(output), readable(grad_output));
+    let (q, k, v) = (
+        StridedTensor::new(&query)?,
+        StridedTensor::new(&key)?,
+        StridedTensor::new(&value)?,
+    );
+    let (o, grad_o) = (
+        StridedTensor::new(&output)?,
+        StridedTensor::new(&grad_output)?,
+    );
+    let Shape {
+        batch,
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        dim,
+        value_dim,
+    } = shape;
+    // Key and value gradients per query head; grouped heads are summed afterwards.
+    let mut grad_query = vec![0.0f32; batch * heads * queries * dim];
+    let mut grad_key = vec![0.0f32; batch * heads * keys * dim];
+    let mut grad_value = vec![0.0f32; batch * heads * keys * value_dim];
+    if !shape.is_empty() {
+        grad_query
+            .par_chunks_mut(queries * dim)
+            .zip(grad_key.par_chunks_mut(keys * dim))
+            .zip(grad_value.par_chunks_mut(keys * value_dim))
+            .enumerate()
+            .for_each(|(head_index, ((dq, dk), dv))| {
+                let (b, h) = (head_index / heads, head_index % heads);
+                let head = shape.head(&q, &k, &v, b, h, scale);
+                head.gradients(
+                    o.matrix(b, h),
+                    grad_o.matrix(b, h),
+                    dq,
+                    dk,
+                    dv,
+                    mask.as_ref().map(|m| (m, b, h)),
+                );
+            });
+    }
+    let group = heads / kv_heads;
+    let sum_groups = |per_head: Vec<f32>, width: usize| -> Vec<f32> {
+        if group == 1 {
+            return per_head;
+        }
+        let size = keys * width;
+        let mut summed = vec![0.0f32; batch * kv_heads * size];
+        for (head_index, chunk) in per_head.chunks_exact(size.max(1)).enumerate() {
+            let (b, h) = (head_index / heads, head_index % heads);
+            let target = (b * kv_heads + h / group) * size;
+            for (s, &g) in summed[target..target + size].iter_mut().zip(chunk) {
+                *s += g;
+            }
+        }
+        summed
+    };
+    let tensor =
+        |values: Vec<f32>, dims: [usize; 4]| FlexTensor::from_data(TensorData::new(values, dims));
+    Some([
+        tensor(grad_query, [batch, heads, queries, dim]),
+        tensor(sum_groups(grad_key, dim), [batch, kv_heads, keys, dim]),
+        tensor(
+            sum_groups(grad_value, value_dim),
+            [batch, kv_heads, keys, value_dim],
+        ),
+    ])
+}
+
+/// The dimensions of an attention call the kernels take: f32 `[batch, heads, tokens, dim]`
+/// tensors, key and value heads dividing the query heads.
+#[derive(Clone, Copy)]
+struct Shape {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    keys: usize,
+    dim: usize,
+    value_dim: usize,
+}
+
+impl Shape {
+    fn of(query: &FlexTensor, key: &FlexTensor, value: &FlexTensor) -> Option<Shape> {
+        if [query, key, value].iter().any(|t| t.dtype() != DType::F32) {
+            return None;
+        }
+        let dims = |t: &FlexTensor| -> Option<[usize; 4]> {
+            t.layout().shape().as_slice().try_into().ok()
+        };
+        let [batch, heads, queries, dim] = dims(query)?;
+        let [key_batch, kv_heads, keys, key_dim] = dims(key)?;
+        let [value_batch, value_heads, value_keys, value_dim] = dims(value)?;
+        let fits = key_batch == batch
+            && value_batch == batch
+            && key_dim == dim
+            && value_heads == kv_heads
+            && value_keys == keys
+            && kv_heads > 0
+            && heads % kv_heads == 0
+            && dim > 0;
+        fits.then_some(Shape {
+            batch,
+            heads,
+            kv_heads,
+            queries,
+            keys,
+            dim,
+            value_dim,
+        })
+    }
+
+    /// Nothing to compute: the outputs are empty or zeros.
+    fn is_empty(&self) -> bool {
+        self.batch * self.heads * self.queries * self.keys * self.value_dim == 0
+    }
+
+    fn score_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.queries, self.keys]
+    }
+
+    fn output_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.queries, self.value_dim]
+    }
+
+    fn output_len(&self) -> usize {
+        self.output_dims().iter().product()
+    }
+
+    /// The operands of query head `h` of batch entry `b`.
+    fn head<'a>(
+        &self,
+        q: &StridedTensor<'a>,
+        k: &StridedTensor<'a>,
+        v: &StridedTensor<'a>,
+        b: usize,
+        h: usize,
+        scale: f32,
+    ) -> Head<'a> {
+        let group = self.heads / self.kv_heads;
+        Head {
+            q: q.matrix(b, h),
+            k: k.matrix(b, h / group),
+            v: v.matrix(b, h / group),
+            dim: self.dim,
+            value_dim: self.value_dim,
+            keys: self.keys,
+            scale,
+        }
+    }
 }
 
 /// The tensor itself when its strides are all non-negative (a cheap shared handle), otherwise a
@@ -149,6 +300,11 @@ impl Matrix<'_> {
     fn row_ptr(&self, i: usize) -> *const f32 {
         self.data[self.offset + i * self.row..].as_ptr()
     }
+
+    /// The element at row `i`, column `j`.
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset + i * self.row + j * self.column]
+    }
 }
 
 /// A boolean mask read in place through its strides (an expanded head dimension costs nothing).
@@ -213,58 +369,14 @@ impl Head<'_> {
         let mut scores = vec![0.0f32; QUERY_BLOCK.min(queries) * self.keys];
         for first in (0..queries).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(queries - first);
-            let rows_of = |i: usize| mask.map(|(m, b, h)| m.row(b, h, first + i, self.keys));
-            // The keys any query of the block may see.
-            let (lo, hi) = match mask {
-                None => (0, self.keys),
-                Some(_) => (0..rows)
-                    .filter_map(|i| visible_span(rows_of(i).unwrap_or(&[])))
-                    .fold((self.keys, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
-            };
             let block_out = &mut out[first * self.value_dim..(first + rows) * self.value_dim];
-            if lo >= hi {
+            let Some((lo, span)) = self.probabilities(first, rows, &mut scores, mask) else {
                 block_out.fill(0.0);
                 continue;
-            }
-            let span = hi - lo;
-            let block_scores = &mut scores[..rows * span];
-            // scores = scale · Q[block] · K[lo..hi]ᵀ
-            // SAFETY: Q rows `first..first + rows` and K rows `lo..hi` lie inside their buffers
-            // (`StridedTensor::new` checked the whole extent); scores hold `rows × span`.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    span,
-                    self.dim,
-                    block_scores.as_mut_ptr(),
-                    1,
-                    span as isize,
-                    false,
-                    self.q.row_ptr(first),
-                    self.q.column as isize,
-                    self.q.row as isize,
-                    self.k.row_ptr(lo),
-                    self.k.row as isize,
-                    self.k.column as isize,
-                    0.0,
-                    self.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
-                if let Some(hidden) = rows_of(i) {
-                    for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
-                        *s = if m != 0 { f32::NEG_INFINITY } else { *s };
-                    }
-                }
-                softmax_in_place(row);
-            }
+            };
             // out[block] = P · V[lo..hi]
-            // SAFETY: `rows × span` of P, V rows `lo..hi` (checked extent), `rows × value_dim`
-            // of out.
+            // SAFETY: `rows × span` of P, V rows `lo..lo + span` (checked extent), `rows ×
+            // value_dim` of out.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -274,13 +386,211 @@ impl Head<'_> {
                     1,
                     self.value_dim as isize,
                     false,
-                    block_scores.as_ptr(),
+                    scores.as_ptr(),
                     1,
                     span as isize,
                     self.v.row_ptr(lo),
                     self.v.column as isize,
                     self.v.row as isize,
                     0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
+    /// The probabilities of queries `first..first + rows` over the keys the block may see, into
+    /// `scores` as a `rows × span` matrix; returns `(lo, span)`, the block's first visible key
+    /// and how many follow, or `None` when the block sees no key at all. Forward and backward
+    /// passes share it, so the backward pass differentiates exactly the forward's numbers.
+    fn probabilities(
+        &self,
+        first: usize,
+        rows: usize,
+        scores: &mut [f32],
+        mask: Option<(&MaskView, usize, usize)>,
+    ) -> Option<(usize, usize)> {
+        let rows_of = |i: usize| mask.map(|(m, b, h)| m.row(b, h, first + i, self.keys));
+        let (lo, hi) = match mask {
+            None => (0, self.keys),
+            Some(_) => (0..rows)
+                .filter_map(|i| visible_span(rows_of(i).unwrap_or(&[])))
+                .fold((self.keys, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
+        };
+        if lo >= hi {
+            return None;
+        }
+        let span = hi - lo;
+        let block_scores = &mut scores[..rows * span];
+        // scores = scale · Q[block] · K[lo..hi]ᵀ
+        // SAFETY: Q rows `first..first + rows` and K rows `lo..hi` lie inside their buffers
+        // (`StridedTensor::new` checked the whole extent); scores hold `rows × span`.
+        unsafe {
+            gemm::gemm(
+                rows,
+                span,
+                self.dim,
+                block_scores.as_mut_ptr(),
+                1,
+                span as isize,
+                false,
+                self.q.row_ptr(first),
+                self.q.column as isize,
+                self.q.row as isize,
+                self.k.row_ptr(lo),
+                self.k.row as isize,
+                self.k.column as isize,
+                0.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
+            if let Some(hidden) = rows_of(i) {
+                for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
+                    *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                }
+            }
+            softmax_in_place(row);
+        }
+        Some((lo, span))
+    }
+
+    /// One head's gradients, flash attention's backward pass block by block: with P recomputed,
+    /// `dV += Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK += dSᵀ Q`.
+    /// `grad_query` is `queries × dim`, `grad_key` `keys × dim` and `grad_value` `keys ×
+    /// value_dim`, all row-major; the key and value gradients are accumulated into (zeroed by
+    /// the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn gradients(
+        &self,
+        output: Matrix,
+        grad_output: Matrix,
+        grad_query: &mut [f32],
+        grad_key: &mut [f32],
+        grad_value: &mut [f32],
+        mask: Option<(&MaskView, usize, usize)>,
+    ) {
+        let queries = grad_query.len() / self.dim;
+        let block = QUERY_BLOCK.min(queries);
+        let mut probs = vec![0.0f32; block * self.keys];
+        let mut grad_scores = vec![0.0f32; block * self.keys];
+        for first in (0..queries).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(queries - first);
+            let block_grad_query = &mut grad_query[first * self.dim..(first + rows) * self.dim];
+            let Some((lo, span)) = self.probabilities(first, rows, &mut probs, mask) else {
+                block_grad_query.fill(0.0);
+                continue;
+            };
+            let probs = &probs[..rows * span];
+            let grad_scores = &mut grad_scores[..rows * span];
+            // SAFETY (all four products): P and dS hold `rows × span`; Q, dO rows `first..first
+            // + rows` and K, V rows `lo..lo + span` lie inside their buffers (checked extents);
+            // the destinations hold `span` rows of dK/dV from `lo` and `rows` rows of dQ.
+            unsafe {
+                // dV[lo..hi] += Pᵀ · dO[block]
+                gemm::gemm(
+                    span,
+                    self.value_dim,
+                    rows,
+                    grad_value[lo * self.value_dim..].as_mut_ptr(),
+                    1,
+                    self.value_dim as isize,
+                    true,
+                    probs.as_ptr(),
+                    span as isize,
+                    1,
+                    grad_output.row_ptr(first),
+                    grad_output.column as isize,
+                    grad_output.row as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dP = dO[block] · V[lo..hi]ᵀ
+                gemm::gemm(
+                    rows,
+                    span,
+                    self.value_dim,
+                    grad_scores.as_mut_ptr(),
+                    1,
+                    span as isize,
+                    false,
+                    grad_output.row_ptr(first),
+                    grad_output.column as isize,
+                    grad_output.row as isize,
+                    self.v.row_ptr(lo),
+                    self.v.row as isize,
+                    self.v.column as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, (grad_row, prob_row)) in grad_scores
+                .chunks_exact_mut(span)
+                .zip(probs.chunks_exact(span))
+                .enumerate()
+            {
+                let row_dot = (0..self.value_dim)
+                    .map(|c| grad_output.at(first + i, c) * output.at(first + i, c))
+                    .sum::<f32>();
+                for (g, &p) in grad_row.iter_mut().zip(prob_row) {
+                    *g = p * (*g - row_dot) * self.scale;
+                }
+            }
+            unsafe {
+                // dQ[block] = dS · K[lo..hi]
+                gemm::gemm(
+                    rows,
+                    self.dim,
+                    span,
+                    block_grad_query.as_mut_ptr(),
+                    1,
+                    self.dim as isize,
+                    false,
+                    grad_scores.as_ptr(),
+                    1,
+                    span as isize,
+                    self.k.row_ptr(lo),
+                    self.k.column as isize,
+                    self.k.row as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dK[lo..hi] += dSᵀ · Q[block]
+                gemm::gemm(
+                    span,
+                    self.dim,
+                    rows,
+                    grad_key[lo * self.dim..].as_mut_ptr(),
+                    1,
+                    self.dim as isize,
+                    true,
+                    grad_scores.as_ptr(),
+                    span as isize,
+                    1,
+                    self.q.row_ptr(first),
+                    self.q.column as isize,
+                    self.q.row as isize,
+                    1.0,
                     1.0,
                     false,
                     false,
@@ -440,6 +750,93 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(worst < 2e-6, "max difference {worst}");
+    }
+
+    /// Compares the backward kernel with the gradients composed from flex's tensor operations.
+    fn check_gradients(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        queries: usize,
+        keys: usize,
+        hidden: Option<Vec<bool>>,
+    ) {
+        use crate::nn::fused_attention::{composed_gradients, AttentionState};
+        use burn::backend::ops::BoolTensorOps;
+        use burn::tensor::Shape as BurnShape;
+
+        let (dim, value_dim, scale) = (8, 6, 0.3);
+        let q = random([batch, queries, heads, dim], 4).transpose(1, 2);
+        let k = random([batch, kv_heads, keys, dim], 5);
+        let v = random([batch, keys, kv_heads, value_dim], 6).transpose(1, 2);
+        let grad_output = random([batch, queries, heads, value_dim], 7).transpose(1, 2);
+        let mask =
+            hidden.map(|h| FlexTensor::from_data(TensorData::new(h, [batch, 1, queries, keys])));
+        let output = attention_f32(&q, &k, &v, mask.as_ref(), scale).expect("f32 inputs");
+        let ours = attention_backward_f32(&q, &k, &v, mask.as_ref(), &output, &grad_output, scale)
+            .expect("f32 inputs");
+
+        let group = heads / kv_heads;
+        let repeat = |t: FlexTensor, d: usize| {
+            let data = values(t.to_contiguous());
+            let per_head = keys * d;
+            let mut out = Vec::new();
+            for b in 0..batch {
+                for h in 0..heads {
+                    let kv = b * kv_heads + h / group;
+                    out.extend_from_slice(&data[kv * per_head..(kv + 1) * per_head]);
+                }
+            }
+            tensor(out, [batch, heads, keys, d])
+        };
+        let expanded =
+            mask.map(|m| Flex::bool_expand(m, BurnShape::new([batch, heads, queries, keys])));
+        let state = AttentionState::new(
+            [q, repeat(k, dim), repeat(v, value_dim)],
+            expanded,
+            output,
+            scale as f64,
+        );
+        let reference = composed_gradients::<Flex>(state, grad_output);
+        let sum_groups = |t: FlexTensor, d: usize| {
+            let data = values(t);
+            let per_head = keys * d;
+            let mut summed = vec![0.0f32; batch * kv_heads * per_head];
+            for (index, chunk) in data.chunks_exact(per_head).enumerate() {
+                let (b, h) = (index / heads, index % heads);
+                let target = (b * kv_heads + h / group) * per_head;
+                for (s, g) in summed[target..target + per_head].iter_mut().zip(chunk) {
+                    *s += g;
+                }
+            }
+            summed
+        };
+        let [ref_query, ref_key, ref_value] = reference;
+        let expected = [
+            values(ref_query),
+            sum_groups(ref_key, dim),
+            sum_groups(ref_value, value_dim),
+        ];
+        for ((name, ours), expected) in ["query", "key", "value"].iter().zip(ours).zip(expected) {
+            let ours = values(ours);
+            assert_eq!(ours.len(), expected.len(), "{name} gradient size");
+            let worst = ours
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{name} gradient: max difference {worst}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_the_composed_backward() {
+        check_gradients(2, 4, 4, 70, 70, None);
+        check_gradients(2, 4, 4, 150, 150, Some(causal(2, 150, 150, &[0, 0], None)));
+        // Left padding: the first queries of row 1 see no key and pass no gradient.
+        check_gradients(2, 4, 2, 130, 130, Some(causal(2, 130, 130, &[0, 5], None)));
+        check_gradients(2, 6, 2, 3, 90, Some(causal(2, 3, 90, &[3, 0], None)));
+        check_gradients(1, 2, 1, 100, 100, Some(causal(1, 100, 100, &[0], Some(16))));
     }
 
     fn causal(

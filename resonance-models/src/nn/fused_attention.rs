@@ -17,7 +17,9 @@
 //! activations of every layer.
 //!
 //! The extension is routed for Burn's CPU backend (`flex`), plain and under autodiff; its forward
-//! pass there is [`crate::nn::cpu_attention`]'s block kernel. On other backends
+//! and backward passes there are [`crate::nn::cpu_attention`]'s block kernels, which never build
+//! a score-sized tensor at all. Elsewhere the backward pass is composed from tensor operations
+//! ([`AttentionGradients`]' default). On other backends
 //! [`crate::nn::attention::scaled_attention`] keeps Burn's own attention.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -100,7 +102,41 @@ fn flex_attention(
     }
 }
 
-impl<B: RecomputingAttention, C: CheckpointStrategy> RecomputingAttention for Autodiff<B, C> {
+/// The backward pass of [`RecomputingAttention`]: `[dQ, dK, dV]` from the saved inputs and
+/// output. The default composes it from the backend's tensor operations (one score-sized tensor
+/// at a time); a backend with a fused kernel overrides it.
+pub trait AttentionGradients: Backend {
+    fn attention_gradients(
+        state: AttentionState<Self>,
+        grad_output: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        composed_gradients::<Self>(state, grad_output)
+    }
+}
+
+impl AttentionGradients for Flex {
+    /// Resonance's block kernel for f32 (`cpu_attention`): the probabilities, their gradient
+    /// and the products run block by block without a score-sized tensor.
+    fn attention_gradients(
+        state: AttentionState<Self>,
+        grad_output: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let fused = crate::nn::cpu_attention::attention_backward_f32(
+            &state.query,
+            &state.key,
+            &state.value,
+            state.mask.as_ref(),
+            &state.output,
+            &grad_output,
+            state.scale as f32,
+        );
+        fused.unwrap_or_else(|| composed_gradients::<Self>(state, grad_output))
+    }
+}
+
+impl<B: RecomputingAttention + AttentionGradients, C: CheckpointStrategy> RecomputingAttention
+    for Autodiff<B, C>
+{
     fn recomputing_attention(
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
@@ -138,7 +174,7 @@ pub(crate) fn extension_attention<B: RecomputingAttention>(
 
 /// The forward pass under autodiff: the inner backend's attention, and the backward step
 /// registered with the inputs and the output as its state.
-fn tracked_attention<B: RecomputingAttention, C: CheckpointStrategy>(
+fn tracked_attention<B: RecomputingAttention + AttentionGradients, C: CheckpointStrategy>(
     query: FloatTensor<Autodiff<B, C>>,
     key: FloatTensor<Autodiff<B, C>>,
     value: FloatTensor<Autodiff<B, C>>,
@@ -159,14 +195,7 @@ fn tracked_attention<B: RecomputingAttention, C: CheckpointStrategy>(
             );
             let out =
                 extension_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
-            let state = AttentionState {
-                query: q,
-                key: k,
-                value: v,
-                mask,
-                output: out.clone(),
-                scale,
-            };
+            let state = AttentionState::new([q, k, v], mask, out.clone(), scale);
             prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(extension_attention::<B>(
@@ -184,7 +213,7 @@ struct AttentionBackward;
 
 /// What the backward pass needs: the inputs and the output, not the score matrix.
 #[derive(Debug, Clone)]
-struct AttentionState<B: Backend> {
+pub struct AttentionState<B: Backend> {
     query: FloatTensor<B>,
     key: FloatTensor<B>,
     value: FloatTensor<B>,
@@ -193,7 +222,25 @@ struct AttentionState<B: Backend> {
     scale: f64,
 }
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: Backend> AttentionState<B> {
+    pub(crate) fn new(
+        [query, key, value]: [FloatTensor<B>; 3],
+        mask: Option<BoolTensor<B>>,
+        output: FloatTensor<B>,
+        scale: f64,
+    ) -> Self {
+        AttentionState {
+            query,
+            key,
+            value,
+            mask,
+            output,
+            scale,
+        }
+    }
+}
+
+impl<B: AttentionGradients> Backward<B, 3> for AttentionBackward {
     type State = AttentionState<B>;
 
     fn backward(
@@ -204,39 +251,50 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
     ) {
         let [query_node, key_node, value_node] = ops.parents;
         let grad_output = grads.consume::<B>(&ops.node);
-        let AttentionState {
-            query,
-            key,
-            value,
-            mask,
-            output,
-            scale,
-        } = ops.state;
-        let probs = attention_probabilities::<B>(query.clone(), key.clone(), mask, scale);
-
-        if let Some(node) = value_node {
-            let grad_value =
-                B::float_matmul(B::float_swap_dims(probs.clone(), 2, 3), grad_output.clone());
-            grads.register::<B>(node.id, grad_value);
-        }
-        if query_node.is_none() && key_node.is_none() {
-            return;
-        }
-        // dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), with the softmax scale folded in.
-        let grad_probs = B::float_matmul(grad_output.clone(), B::float_swap_dims(value, 2, 3));
-        let row_dot = B::float_sum_dim(B::float_mul(grad_output, output), 3);
-        let grad_scores = B::float_mul_scalar(
-            B::float_mul(probs, B::float_sub(grad_probs, row_dot)),
-            scale.into(),
-        );
-        if let Some(node) = query_node {
-            grads.register::<B>(node.id, B::float_matmul(grad_scores.clone(), key));
-        }
-        if let Some(node) = key_node {
-            let grad_key = B::float_matmul(B::float_swap_dims(grad_scores, 2, 3), query);
-            grads.register::<B>(node.id, grad_key);
+        let [grad_query, grad_key, grad_value] = B::attention_gradients(ops.state, grad_output);
+        for (node, grad) in [
+            (query_node, grad_query),
+            (key_node, grad_key),
+            (value_node, grad_value),
+        ] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
+}
+
+/// The gradients from the backend's tensor operations:
+///
+/// ```text
+/// P  = softmax(scale · Q Kᵀ, masked)        dV = Pᵀ dO
+/// dP = dO Vᵀ                                dS = P ⊙ (dP − rowsum(dO ⊙ O))
+/// dQ = scale · dS K                         dK = scale · dSᵀ Q
+/// ```
+pub(crate) fn composed_gradients<B: Backend>(
+    state: AttentionState<B>,
+    grad_output: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let AttentionState {
+        query,
+        key,
+        value,
+        mask,
+        output,
+        scale,
+    } = state;
+    let probs = attention_probabilities::<B>(query.clone(), key.clone(), mask, scale);
+    let grad_value = B::float_matmul(B::float_swap_dims(probs.clone(), 2, 3), grad_output.clone());
+    // dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), with the softmax scale folded in.
+    let grad_probs = B::float_matmul(grad_output.clone(), B::float_swap_dims(value, 2, 3));
+    let row_dot = B::float_sum_dim(B::float_mul(grad_output, output), 3);
+    let grad_scores = B::float_mul_scalar(
+        B::float_mul(probs, B::float_sub(grad_probs, row_dot)),
+        scale.into(),
+    );
+    let grad_query = B::float_matmul(grad_scores.clone(), key);
+    let grad_key = B::float_matmul(B::float_swap_dims(grad_scores, 2, 3), query);
+    [grad_query, grad_key, grad_value]
 }
 
 /// `softmax(scale · Q Kᵀ, masked)`, with rows whose keys are all masked set to zero as the
