@@ -11,6 +11,8 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use crate::nn::cpu_math::exp_nonpositive;
+
 /// Queries per block: small enough that a causal block skips most masked keys, large enough for
 /// the block's two products to run at the GEMM's speed.
 const QUERY_BLOCK: usize = 64;
@@ -604,15 +606,64 @@ impl Head<'_> {
 
 /// `[first visible key, last visible key + 1)` of a mask row, `None` when every key is hidden.
 fn visible_span(hidden: &[u8]) -> Option<(usize, usize)> {
-    let first = hidden.iter().position(|&m| m == 0)?;
-    let last = hidden.iter().rposition(|&m| m == 0)?;
+    let first = first_zero(hidden)?;
+    let last = last_zero(hidden)?;
     Some((first, last + 1))
+}
+
+/// Whether any of the eight bytes of `word` is zero (the classic SWAR test).
+fn has_zero_byte(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    word.wrapping_sub(ONES) & !word & HIGHS != 0
+}
+
+fn word(chunk: &[u8]) -> u64 {
+    u64::from_le_bytes(chunk.try_into().expect("chunks of eight bytes"))
+}
+
+/// The first zero byte, eight bytes at a time (a causal row is mostly hidden keys).
+fn first_zero(bytes: &[u8]) -> Option<usize> {
+    let mut chunks = bytes.chunks_exact(8);
+    for (index, chunk) in (&mut chunks).enumerate() {
+        if has_zero_byte(word(chunk)) {
+            return chunk.iter().position(|&b| b == 0).map(|i| index * 8 + i);
+        }
+    }
+    let start = bytes.len() - chunks.remainder().len();
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == 0)
+        .map(|i| start + i)
+}
+
+/// The last zero byte, eight bytes at a time from the end.
+fn last_zero(bytes: &[u8]) -> Option<usize> {
+    let mut chunks = bytes.rchunks_exact(8);
+    for (index, chunk) in (&mut chunks).enumerate() {
+        if has_zero_byte(word(chunk)) {
+            let start = bytes.len() - (index + 1) * 8;
+            return chunk.iter().rposition(|&b| b == 0).map(|i| start + i);
+        }
+    }
+    chunks.remainder().iter().rposition(|&b| b == 0)
 }
 
 /// Softmax of one row in place; a row of `-inf` (no visible key) becomes zeros.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row
+    // Eight partial maxima and sums: a fixed order (deterministic) that vectorises.
+    let mut partial_max = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in partial_max.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
         .iter()
+        .chain(&partial_max)
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -621,7 +672,6 @@ fn softmax_in_place(row: &mut [f32]) {
     for x in row.iter_mut() {
         *x = exp_nonpositive(*x - max);
     }
-    // Eight partial sums: a fixed order (deterministic) that still vectorises.
     let mut partial = [0.0f32; 8];
     let mut chunks = row.chunks_exact(8);
     for chunk in &mut chunks {
@@ -637,48 +687,12 @@ fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
-/// `eˣ` for `x ≤ 0` (scores minus their row maximum), branch-free so that loops over it
-/// vectorise: Cody–Waite reduction by ln 2 and Cephes' degree-5 polynomial (relative error
-/// ~1e-7). Below −87 (where `eˣ` leaves the normal f32 range) and at `-inf` it returns 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOWEST: f32 = -87.0;
-    let keep = if x > LOWEST { 1.0 } else { 0.0 };
-    let x = if x > LOWEST { x } else { LOWEST };
-    // Round x·log2(e) to the nearest integer with the 1.5·2²³ trick (no SSE4.1 `round` needed).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    e_r * two_n * keep
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::fused_attention::options;
     use burn::backend::ops::ModuleOps;
     use burn::backend::Flex;
-
-    #[test]
-    fn polynomial_exp_is_accurate() {
-        let mut worst = 0.0f64;
-        for i in 0..200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let exact = (x as f64).exp();
-            let relative = ((exp_nonpositive(x) as f64) - exact).abs() / exact;
-            worst = worst.max(relative);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-    }
 
     fn tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(values, shape))
@@ -858,6 +872,25 @@ mod tests {
             }
         }
         hidden
+    }
+
+    #[test]
+    fn visible_span_finds_the_outermost_visible_keys() {
+        for len in 0..40 {
+            for first in 0..len {
+                for last in first..len {
+                    let mut hidden = vec![1u8; len];
+                    hidden[first] = 0;
+                    hidden[last] = 0;
+                    assert_eq!(
+                        visible_span(&hidden),
+                        Some((first, last + 1)),
+                        "{len} {first}"
+                    );
+                }
+            }
+            assert_eq!(visible_span(&vec![1u8; len]), None);
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::config::{Activation, TextConfig};
 use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
 use crate::nn::linear::{join, Linear, LinearLayers};
 use crate::nn::rope::{apply_rotary, RopeScaling};
+use crate::nn::silu_gate::silu_gate;
 
 /// Applies a configured activation.
 pub fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
@@ -151,8 +152,13 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = activate(self.gate_proj.forward(x.clone()), self.activation);
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let hidden = match self.activation {
+            Activation::Silu => silu_gate(gate, up),
+            act => activate(gate, act) * up,
+        };
+        self.down_proj.forward(hidden)
     }
 }
 
