@@ -157,7 +157,7 @@ fn contiguous_f32(t: &FlexTensor) -> Option<&[f32]> {
 }
 
 /// The same shape, every tensor contiguous f32: the element-wise kernels' precondition.
-fn operands<'a, const N: usize>(tensors: [&'a FlexTensor; N]) -> Option<[&'a [f32]; N]> {
+fn operands<const N: usize>(tensors: [&FlexTensor; N]) -> Option<[&[f32]; N]> {
     let shape = tensors[0].layout().shape();
     if tensors.iter().any(|t| t.layout().shape() != shape) {
         return None;
