@@ -4,7 +4,10 @@
 //! Frequencies are computed on the host in f32 in the same order of operations as transformers so
 //! that angles agree to the last bits; only `cos`/`sin` tables go to the device.
 
+use burn::backend::Dispatch;
 use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::nn::fused_rope::FusedRope;
 use serde_json::Value;
 
 /// The frequency schedule of one model's rotary embedding.
@@ -234,6 +237,15 @@ impl RopeScaling {
 /// Rotates `x` (`[batch, heads, seq, head_dim]`) by the angles in `cos`/`sin` (`[batch, seq,
 /// head_dim]`), the "rotate half" convention of Llama-family checkpoints.
 pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
+    if x.device().inner() == Device::flex() {
+        // One pass each way on the CPU backend, in the input's own layout (see `fused_rope`).
+        let out = Dispatch::fused_rope(
+            x.into_dispatch(),
+            cos.clone().into_dispatch(),
+            sin.clone().into_dispatch(),
+        );
+        return Tensor::from_dispatch(out);
+    }
     let [_, _, _, dim] = x.dims();
     let half = dim / 2;
     let x1 = x.clone().narrow(3, 0, half);

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::config::{Activation, TextConfig};
 use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
 use crate::nn::linear::{join, Linear, LinearLayers};
+use crate::nn::rms_norm::rms_norm;
 use crate::nn::rope::{apply_rotary, RopeScaling};
 use crate::nn::silu_gate::silu_gate;
 
@@ -296,17 +297,17 @@ impl CausalLm {
                 .find(|(w, _)| *w == layer.window)
                 .and_then(|(_, m)| m.clone());
             let residual = x.clone();
-            let h = layer.input_layernorm.forward(x);
+            let h = rms_norm(&layer.input_layernorm, x);
             let h = layer
                 .self_attn
                 .forward(h, &rope, mask, cache.as_deref_mut().map(|c| (c, i)));
             let x_mid = residual + h;
             let h = layer
                 .mlp
-                .forward(layer.post_attention_layernorm.forward(x_mid.clone()));
+                .forward(rms_norm(&layer.post_attention_layernorm, x_mid.clone()));
             x = x_mid + h;
         }
-        self.model.norm.forward(x)
+        rms_norm(&self.model.norm, x)
     }
 
     /// Projects hidden states to vocabulary logits.
