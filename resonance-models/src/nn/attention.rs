@@ -2,7 +2,7 @@
 
 use burn::backend::Dispatch;
 use burn::tensor::module::attention;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{s, Bool, Device, Tensor, TensorData};
 
 use crate::nn::fused_attention::{extension_attention, options};
 
@@ -113,13 +113,80 @@ pub fn scaled_attention(
 }
 
 /// Keys and values of the tokens seen so far, one entry per decoder layer.
+///
+/// Each layer's keys and values live in a buffer with room to spare along the token axis:
+/// appending writes the new tokens in place (the cache holds the buffer's only handle between
+/// steps) and hands out a view of the filled part, so a decoding step costs the new tokens, not a
+/// copy of everything cached. The buffer doubles when full.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<Option<LayerCache>>,
     /// Validity of every cached key position, per batch row.
     pub key_valid: Vec<Vec<bool>>,
     /// Next absolute position per batch row.
     pub next_position: Vec<usize>,
+}
+
+/// Tokens of room a fresh buffer gets beyond its first entries (a typical generation's worth
+/// before the first doubling).
+const CACHE_HEADROOM: usize = 64;
+
+/// One layer's buffers, `[batch, kv_heads, capacity, head_dim]`, filled up to `len`.
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    len: usize,
+}
+
+impl LayerCache {
+    fn empty_like(k: &Tensor<4>, v: &Tensor<4>, capacity: usize) -> Self {
+        let buffer = |t: &Tensor<4>| {
+            let [b, h, _, d] = t.dims();
+            Tensor::<4>::zeros([b, h, capacity, d], (&t.device(), t.dtype()))
+        };
+        LayerCache {
+            keys: buffer(k),
+            values: buffer(v),
+            len: 0,
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    /// Writes `k`, `v` after the cached tokens, growing the buffers first when needed.
+    fn push(self, k: Tensor<4>, v: Tensor<4>) -> Self {
+        let needed = self.len + k.dims()[2];
+        let mut cache = if needed > self.capacity() {
+            let mut grown = LayerCache::empty_like(&k, &v, needed.max(2 * self.capacity()));
+            let filled = |t: Tensor<4>| t.narrow(2, 0, self.len);
+            grown.keys = grown
+                .keys
+                .slice_assign(s![.., .., 0..self.len], filled(self.keys));
+            grown.values = grown
+                .values
+                .slice_assign(s![.., .., 0..self.len], filled(self.values));
+            grown.len = self.len;
+            grown
+        } else {
+            self
+        };
+        let range = cache.len..needed;
+        cache.keys = cache.keys.slice_assign(s![.., .., range.clone()], k);
+        cache.values = cache.values.slice_assign(s![.., .., range], v);
+        cache.len = needed;
+        cache
+    }
+
+    /// The filled part, as views of the buffers.
+    fn views(&self) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.keys.clone().narrow(2, 0, self.len),
+            self.values.clone().narrow(2, 0, self.len),
+        )
+    }
 }
 
 impl KvCache {
@@ -142,13 +209,45 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends new keys/values of `layer` and returns the full sequences.
+    /// Appends new keys/values of `layer` and returns the full sequences (views that should be
+    /// dropped before the next append, so that it can write in place).
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        let cache = match self.layers[layer].take() {
+            Some(cache) => cache,
+            None => LayerCache::empty_like(&k, &v, k.dims()[2] + CACHE_HEADROOM),
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
+        let cache = cache.push(k, v);
+        let views = cache.views();
+        self.layers[layer] = Some(cache);
+        views
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// Appends across the first buffer's room (a prefill, then single tokens and a chunk) give
+    /// what concatenating every step would.
+    #[test]
+    fn kv_cache_appends_match_concatenation() {
+        let device = Device::flex();
+        device.seed(29);
+        let mut cache = KvCache::new(2);
+        let mut expected: Option<(Tensor<4>, Tensor<4>)> = None;
+        for (step, tokens) in [5usize, 1, 1, 60, 1, 70, 1].into_iter().enumerate() {
+            let k = Tensor::<4>::random([2, 3, tokens, 4], Distribution::Normal(0.0, 1.0), &device);
+            let v = Tensor::<4>::random([2, 3, tokens, 6], Distribution::Normal(0.0, 1.0), &device);
+            let (keys, values) = cache.append(1, k.clone(), v.clone());
+            expected = Some(match expected.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            });
+            let (ek, ev) = expected.clone().expect("set above");
+            assert_eq!(keys.dims(), ek.dims(), "step {step}");
+            assert_eq!(keys.to_data(), ek.to_data(), "keys at step {step}");
+            assert_eq!(values.to_data(), ev.to_data(), "values at step {step}");
+        }
     }
 }
