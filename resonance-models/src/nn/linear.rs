@@ -132,7 +132,7 @@ impl Linear {
 
     /// `x·W + b` without the adapter (the frozen base model, e.g. as DPO's reference).
     pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.base_weight(), self.bias.as_ref().map(|b| b.val()))
+        flat_linear(x, self.base_weight(), self.bias.as_ref().map(|b| b.val()))
     }
 
     /// Attaches a new adapter: `A ~ U(-1/√d_in, 1/√d_in)` like PEFT's Kaiming-uniform(a=√5)
@@ -202,9 +202,9 @@ impl LoraAdapter {
     /// on the `[tokens, d_out]` output, which saves a pass over the activations each way.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.dropout.forward(x);
-        let down = linear(x, self.lora_a.val().transpose(), None);
+        let down = flat_linear(x, self.lora_a.val().transpose(), None);
         let up = self.lora_b.val().transpose().mul_scalar(self.scale);
-        linear(down, up, None)
+        flat_linear(down, up, None)
     }
 
     /// The dense update `scale·A·B` (`[d_in, d_out]`).
@@ -220,6 +220,29 @@ impl LoraAdapter {
     pub fn rank(&self) -> usize {
         self.lora_a.shape().dims::<2>()[0]
     }
+}
+
+/// `x·W + b` with every leading dimension of `x` folded into the rows of one matrix product.
+///
+/// Burn's `linear` on a `[batch, tokens, d_in]` input broadcasts the weight over the batch: the
+/// CPU backend then runs one product per batch entry, so a decoding step of 8 sequences reads
+/// every weight 8 times, and the backward pass sums per-entry weight gradients. Folded, it is
+/// one `[batch·tokens, d_in] × [d_in, d_out]` product each way. The reshapes are free for the
+/// contiguous activations the layers pass.
+pub fn flat_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    if D <= 2 {
+        return linear(x, weight, bias);
+    }
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let out = linear(x.reshape([rows, d_in]), weight.clone(), bias);
+    dims[D - 1] = weight.dims()[1];
+    out.reshape(dims)
 }
 
 /// Something holding named linear layers that LoRA can target, visited with their full module
