@@ -9,7 +9,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::config::{Activation, TextConfig};
 use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
-use crate::nn::linear::{join, Linear, LinearLayers};
+use crate::nn::linear::{flat_linear, join, Linear, LinearLayers};
 use crate::nn::rms_norm::rms_norm;
 use crate::nn::rope::{apply_rotary, RopeScaling};
 use crate::nn::silu_gate::silu_gate;
@@ -316,7 +316,7 @@ impl CausalLm {
             Some(head) => head.forward(hidden),
             None => {
                 let weight = self.model.embed_tokens.weight.val();
-                burn::tensor::module::linear(hidden, weight.transpose(), None)
+                flat_linear(hidden, weight.transpose(), None)
             }
         }
     }
