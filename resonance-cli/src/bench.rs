@@ -71,6 +71,14 @@ fn backend_name(kind: BackendKind) -> &'static str {
     }
 }
 
+/// Which attention the model runs on this backend (`resonance_models::nn::attention`).
+fn attention_implementation(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Cpu => "resonance fused attention extension (cpu_attention kernels)",
+        _ => "burn::tensor::module::attention",
+    }
+}
+
 fn backend_arg(kind: BackendKind) -> &'static str {
     match kind {
         BackendKind::Cpu => "cpu",
@@ -278,7 +286,7 @@ fn run_all(
             "weights_sha256": weights_sha256,
             "seed": info.as_ref().and_then(|i| i.get("seed").cloned()).unwrap_or(json!(spec.seed)),
             "dtype": "float32",
-            "attn_implementation": "burn::tensor::module::attention",
+            "attn_implementation": attention_implementation(args.backend),
             "params": info.as_ref().and_then(|i| i.get("params").cloned()).unwrap_or(Value::Null),
         },
         "settings": {
