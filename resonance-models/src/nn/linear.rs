@@ -8,11 +8,14 @@
 //! `Linear` field names and layout (`weight` is `[d_in, d_out]`) so checkpoints load unchanged.
 //! A QLoRA base is a Burn-quantized weight, dequantized when used.
 
+use burn::backend::Dispatch;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, LinearConfig};
 use burn::tensor::module::linear;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
 use burn::tensor::{DType, Device, Distribution, Tensor};
+
+use crate::nn::fused_linear::FusedLinear;
 
 /// A linear layer `y = x·W + b` (+ a LoRA update when an adapter is attached).
 ///
@@ -123,10 +126,26 @@ impl Linear {
 
     /// `x·W + b`, plus the adapter's update when one is attached.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = self.forward_base(x.clone());
         match &self.lora {
-            Some(adapter) if !adapters_disabled() => base + adapter.forward(x),
-            _ => base,
+            Some(adapter) if !adapters_disabled() => {
+                // On the CPU backend, without adapter dropout, one operation accumulates the
+                // update into the base product (`fused_linear`).
+                if adapter.dropout.prob == 0.0 && D >= 2 && x.device().inner() == Device::flex() {
+                    let out = fold_rows(x, self.dims()[1], |x| {
+                        let out = Dispatch::fused_lora_linear(
+                            x.into_dispatch(),
+                            self.base_weight().into_dispatch(),
+                            adapter.lora_a.val().into_dispatch(),
+                            adapter.lora_b.val().into_dispatch(),
+                            adapter.scale,
+                        );
+                        Tensor::from_dispatch(out)
+                    });
+                    return add_bias(out, self.bias.as_ref().map(|b| b.val()));
+                }
+                self.forward_base(x.clone()) + adapter.forward(x)
+            }
+            _ => self.forward_base(x),
         }
     }
 
@@ -228,21 +247,48 @@ impl LoraAdapter {
 /// CPU backend then runs one product per batch entry, so a decoding step of 8 sequences reads
 /// every weight 8 times, and the backward pass sums per-entry weight gradients. Folded, it is
 /// one `[batch·tokens, d_in] × [d_in, d_out]` product each way. The reshapes are free for the
-/// contiguous activations the layers pass.
+/// contiguous activations the layers pass. On the CPU backend the product itself is
+/// `fused_linear`'s, written once into its buffer.
 pub fn flat_linear<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    if D <= 2 {
+    if D < 2 {
         return linear(x, weight, bias);
     }
+    if x.device().inner() == Device::flex() {
+        let out = fold_rows(x, weight.dims()[1], |x| {
+            Tensor::from_dispatch(Dispatch::fused_linear(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+            ))
+        });
+        return add_bias(out, bias);
+    }
+    fold_rows(x, weight.dims()[1], |x| linear(x, weight, bias))
+}
+
+/// Applies `product` to `x` seen as `[rows, d_in]` and gives the result `x`'s leading
+/// dimensions with `d_out` last.
+fn fold_rows<const D: usize>(
+    x: Tensor<D>,
+    d_out: usize,
+    product: impl FnOnce(Tensor<2>) -> Tensor<2>,
+) -> Tensor<D> {
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let out = linear(x.reshape([rows, d_in]), weight.clone(), bias);
-    dims[D - 1] = weight.dims()[1];
+    let out = product(x.reshape([rows, d_in]));
+    dims[D - 1] = d_out;
     out.reshape(dims)
+}
+
+fn add_bias<const D: usize>(out: Tensor<D>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    match bias {
+        Some(bias) => out + bias.unsqueeze(),
+        None => out,
+    }
 }
 
 /// Something holding named linear layers that LoRA can target, visited with their full module

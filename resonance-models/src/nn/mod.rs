@@ -2,6 +2,7 @@ pub mod attention;
 pub mod cpu_attention;
 pub mod cpu_math;
 pub mod fused_attention;
+pub mod fused_linear;
 pub mod fused_rope;
 pub mod linear;
 pub mod rms_norm;
