@@ -12,6 +12,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_math::exp_nonpositive;
+use crate::nn::cpu_ops::{product_into, Operand};
 
 /// Queries per block: small enough that a causal block skips most masked keys, large enough for
 /// the block's two products to run at the GEMM's speed.
@@ -298,9 +299,14 @@ struct Matrix<'a> {
 }
 
 impl Matrix<'_> {
-    /// A pointer to the start of row `i` (in bounds: `StridedTensor::new` checked the extent).
-    fn row_ptr(&self, i: usize) -> *const f32 {
-        self.data[self.offset + i * self.row..].as_ptr()
+    /// Rows `first..first + count` of `columns` elements as a product operand (in bounds:
+    /// `StridedTensor::new` checked the whole extent).
+    fn rows(&self, first: usize, count: usize, columns: usize) -> Operand {
+        Operand::new(
+            self.data[self.offset + first * self.row..].as_ptr(),
+            [count, columns],
+            [self.row as isize, self.column as isize],
+        )
     }
 
     /// The element at row `i`, column `j`.
@@ -380,25 +386,13 @@ impl Head<'_> {
             // SAFETY: `rows × span` of P, V rows `lo..lo + span` (checked extent), `rows ×
             // value_dim` of out.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    self.value_dim,
-                    span,
+                product_into(
                     block_out.as_mut_ptr(),
-                    1,
-                    self.value_dim as isize,
+                    self.value_dim,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    span as isize,
-                    self.v.row_ptr(lo),
-                    self.v.column as isize,
-                    self.v.row as isize,
-                    0.0,
+                    Operand::row_major(&scores, rows, span),
+                    self.v.rows(lo, span, self.value_dim),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -432,25 +426,13 @@ impl Head<'_> {
         // SAFETY: Q rows `first..first + rows` and K rows `lo..hi` lie inside their buffers
         // (`StridedTensor::new` checked the whole extent); scores hold `rows × span`.
         unsafe {
-            gemm::gemm(
-                rows,
-                span,
-                self.dim,
+            product_into(
                 block_scores.as_mut_ptr(),
-                1,
-                span as isize,
+                span,
                 false,
-                self.q.row_ptr(first),
-                self.q.column as isize,
-                self.q.row as isize,
-                self.k.row_ptr(lo),
-                self.k.row as isize,
-                self.k.column as isize,
-                0.0,
+                self.q.rows(first, rows, self.dim),
+                self.k.rows(lo, span, self.dim).transposed(),
                 self.scale,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
         }
@@ -498,47 +480,23 @@ impl Head<'_> {
             // the destinations hold `span` rows of dK/dV from `lo` and `rows` rows of dQ.
             unsafe {
                 // dV[lo..hi] += Pᵀ · dO[block]
-                gemm::gemm(
-                    span,
-                    self.value_dim,
-                    rows,
+                product_into(
                     grad_value[lo * self.value_dim..].as_mut_ptr(),
-                    1,
-                    self.value_dim as isize,
+                    self.value_dim,
                     true,
-                    probs.as_ptr(),
-                    span as isize,
-                    1,
-                    grad_output.row_ptr(first),
-                    grad_output.column as isize,
-                    grad_output.row as isize,
+                    Operand::row_major(probs, rows, span).transposed(),
+                    grad_output.rows(first, rows, self.value_dim),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // dP = dO[block] · V[lo..hi]ᵀ
-                gemm::gemm(
-                    rows,
-                    span,
-                    self.value_dim,
+                product_into(
                     grad_scores.as_mut_ptr(),
-                    1,
-                    span as isize,
+                    span,
                     false,
-                    grad_output.row_ptr(first),
-                    grad_output.column as isize,
-                    grad_output.row as isize,
-                    self.v.row_ptr(lo),
-                    self.v.row as isize,
-                    self.v.column as isize,
-                    0.0,
+                    grad_output.rows(first, rows, self.value_dim),
+                    self.v.rows(lo, span, self.value_dim).transposed(),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -556,47 +514,23 @@ impl Head<'_> {
             }
             unsafe {
                 // dQ[block] = dS · K[lo..hi]
-                gemm::gemm(
-                    rows,
-                    self.dim,
-                    span,
+                product_into(
                     block_grad_query.as_mut_ptr(),
-                    1,
-                    self.dim as isize,
+                    self.dim,
                     false,
-                    grad_scores.as_ptr(),
-                    1,
-                    span as isize,
-                    self.k.row_ptr(lo),
-                    self.k.column as isize,
-                    self.k.row as isize,
-                    0.0,
+                    Operand::row_major(grad_scores, rows, span),
+                    self.k.rows(lo, span, self.dim),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // dK[lo..hi] += dSᵀ · Q[block]
-                gemm::gemm(
-                    span,
-                    self.dim,
-                    rows,
+                product_into(
                     grad_key[lo * self.dim..].as_mut_ptr(),
-                    1,
-                    self.dim as isize,
+                    self.dim,
                     true,
-                    grad_scores.as_ptr(),
-                    span as isize,
-                    1,
-                    self.q.row_ptr(first),
-                    self.q.column as isize,
-                    self.q.row as isize,
+                    Operand::row_major(grad_scores, rows, span).transposed(),
+                    self.q.rows(first, rows, self.dim),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }

@@ -27,6 +27,8 @@ use burn::backend::{backend_extension, Backend, Flex};
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
+use crate::nn::cpu_ops::{product_into, Operand};
+
 /// The fused products.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedLinear: Backend {
@@ -58,9 +60,18 @@ pub trait Products: Backend {
         rhs: FloatTensor<Self>,
         beta: f64,
     ) -> FloatTensor<Self> {
-        let product = Self::float_matmul(lhs, rhs);
-        Self::float_add(c, Self::float_mul_scalar(product, beta.into()))
+        composed_accumulate::<Self>(c, lhs, rhs, beta)
     }
+}
+
+fn composed_accumulate<B: Backend>(
+    c: FloatTensor<B>,
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+    beta: f64,
+) -> FloatTensor<B> {
+    let product = B::float_matmul(lhs, rhs);
+    B::float_add(c, B::float_mul_scalar(product, beta.into()))
 }
 
 impl Products for Flex {
@@ -79,10 +90,7 @@ impl Products for Flex {
     ) -> FloatTensor<Self> {
         match accumulate_f32(c, &lhs, &rhs, beta as f32) {
             Ok(out) => out,
-            Err(c) => {
-                let product = Flex::float_matmul(lhs, rhs);
-                Flex::float_add(c, Flex::float_mul_scalar(product, beta.into()))
-            }
+            Err(c) => composed_accumulate::<Flex>(c, lhs, rhs, beta),
         }
     }
 }
@@ -273,102 +281,62 @@ impl<B: Products> Backward<B, 4> for LoraLinearBackward {
     }
 }
 
-/// An f32 matrix read through its layout.
-#[derive(Clone, Copy)]
-struct MatrixRef<'a> {
-    data: &'a [f32],
-    offset: usize,
-    rows: usize,
-    columns: usize,
-    row_stride: isize,
-    column_stride: isize,
-}
-
-impl<'a> MatrixRef<'a> {
-    /// A 2-D f32 tensor with non-negative strides whose extent lies inside its buffer.
-    fn of(t: &'a FlexTensor) -> Option<Self> {
-        if t.dtype() != DType::F32 {
+/// A 2-D f32 tensor with non-negative strides whose extent lies inside its buffer, as a product
+/// operand (valid while `t` lives).
+fn operand_of(t: &FlexTensor) -> Option<Operand> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let layout = t.layout();
+    let [rows, columns]: [usize; 2] = layout.shape().as_slice().try_into().ok()?;
+    let [row_stride, column_stride]: [isize; 2] = layout.strides().try_into().ok()?;
+    if row_stride < 0 || column_stride < 0 {
+        return None;
+    }
+    let data = t.storage::<f32>();
+    let offset = layout.start_offset();
+    if rows > 0 && columns > 0 {
+        let last =
+            offset + (rows - 1) * row_stride as usize + (columns - 1) * column_stride as usize;
+        if last >= data.len() {
             return None;
         }
-        let layout = t.layout();
-        let [rows, columns]: [usize; 2] = layout.shape().as_slice().try_into().ok()?;
-        let [row_stride, column_stride]: [isize; 2] = layout.strides().try_into().ok()?;
-        if row_stride < 0 || column_stride < 0 {
-            return None;
-        }
-        let data = t.storage::<f32>();
-        let offset = layout.start_offset();
-        if rows > 0 && columns > 0 {
-            let last =
-                offset + (rows - 1) * row_stride as usize + (columns - 1) * column_stride as usize;
-            if last >= data.len() {
-                return None;
-            }
-        }
-        Some(MatrixRef {
-            data,
-            offset,
-            rows,
-            columns,
-            row_stride,
-            column_stride,
-        })
     }
-
-    fn ptr(&self) -> *const f32 {
-        self.data[self.offset..].as_ptr()
-    }
+    let ptr = data.get(offset..)?.as_ptr();
+    Some(Operand::new(
+        ptr,
+        [rows, columns],
+        [row_stride, column_stride],
+    ))
 }
 
 /// Products smaller than this run on one thread (flex's own threshold).
 const PARALLEL_WORK: usize = 192 * 192 * 192;
 
-/// `dst = lhs·rhs` (`read_dst` false) or `dst = dst + beta·lhs·rhs` into a row-major `dst`.
+/// `dst = lhs·rhs`, or `dst += beta·lhs·rhs` when `accumulate`, into a row-major `dst`, on all
+/// threads when the product is large.
 ///
 /// # Safety
-/// `dst` points to `lhs.rows × rhs.columns` writable f32 (initialised when `read_dst`), and the
-/// inner dimensions agree.
-unsafe fn gemm_into(dst: *mut f32, lhs: MatrixRef, rhs: MatrixRef, read_dst: bool, beta: f32) {
-    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+/// As [`product_into`]'s, with `dst` `lhs.rows × rhs.columns` and contiguous.
+unsafe fn gemm_into(dst: *mut f32, lhs: Operand, rhs: Operand, accumulate: bool, beta: f32) {
+    let (m, k, n) = (lhs.rows(), lhs.columns(), rhs.columns());
     let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the operands' extents were checked by `MatrixRef::of`; `dst` as the caller promises.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            read_dst,
-            lhs.ptr(),
-            lhs.column_stride,
-            lhs.row_stride,
-            rhs.ptr(),
-            rhs.column_stride,
-            rhs.row_stride,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    // SAFETY: as the caller promises.
+    unsafe { product_into(dst, n, accumulate, lhs, rhs, beta, parallelism) };
 }
 
 /// `lhs·rhs` into a buffer written once (no zeroing, no second copy).
 fn product_f32(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
-    let (a, b) = (MatrixRef::of(lhs)?, MatrixRef::of(rhs)?);
-    if a.columns != b.rows {
+    let (a, b) = (operand_of(lhs)?, operand_of(rhs)?);
+    if a.columns() != b.rows() {
         return None;
     }
-    let (m, n) = (a.rows, b.columns);
-    let values = if a.columns == 0 || m == 0 || n == 0 {
+    let (m, n) = (a.rows(), b.columns());
+    let values = if a.columns() == 0 || m == 0 || n == 0 {
         vec![0.0f32; m * n]
     } else {
         let mut values = Vec::<f32>::with_capacity(m * n);
@@ -392,11 +360,11 @@ fn accumulate_f32(
     rhs: &FlexTensor,
     beta: f32,
 ) -> Result<FlexTensor, FlexTensor> {
-    let (Some(a), Some(b)) = (MatrixRef::of(lhs), MatrixRef::of(rhs)) else {
+    let (Some(a), Some(b)) = (operand_of(lhs), operand_of(rhs)) else {
         return Err(c);
     };
-    let fits = a.columns == b.rows
-        && c.layout().shape().as_slice() == [a.rows, b.columns]
+    let fits = a.columns() == b.rows()
+        && c.layout().shape().as_slice() == [a.rows(), b.columns()]
         && c.dtype() == DType::F32;
     if !fits {
         return Err(c);
@@ -407,7 +375,7 @@ fn accumulate_f32(
     } else {
         FlexTensor::from_data(c.into_data())
     };
-    if a.columns > 0 && a.rows > 0 && b.columns > 0 {
+    if a.columns() > 0 && a.rows() > 0 && b.columns() > 0 {
         let Some(dst) = c.try_storage_mut::<f32>() else {
             return Err(c);
         };

@@ -327,20 +327,10 @@ fn rotate_f32(
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
-    use crate::nn::rope::apply_rotary;
+    use crate::nn::rope::{apply_rotary, composed_rotary as composed};
 
     fn values(t: Tensor<4>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().expect("f32 tensor")
-    }
-
-    /// The rotation written out in tensor operations, differentiated by Burn's autodiff.
-    fn composed(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
-        let [_, _, _, dim] = x.dims();
-        let half = dim / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos.clone().unsqueeze_dim(1) + rotated * sin.clone().unsqueeze_dim(1)
     }
 
     fn assert_close(a: Vec<f32>, b: Vec<f32>, what: &str) {

@@ -1,6 +1,7 @@
 pub mod attention;
 pub mod cpu_attention;
 pub mod cpu_math;
+pub mod cpu_ops;
 pub mod fused_attention;
 pub mod fused_linear;
 pub mod fused_rope;

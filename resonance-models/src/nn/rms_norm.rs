@@ -22,9 +22,11 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex, TensorMetadata};
 use burn::nn::RmsNorm;
-use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
+
+use crate::nn::cpu_ops::contiguous_f32;
 
 /// `norm.forward(x)`, through the fused operation on the CPU backend.
 pub fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
@@ -198,14 +200,6 @@ pub(crate) fn composed_gradients<B: Backend>(
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
-
-/// The contiguous f32 elements of a tensor, `None` otherwise.
-fn contiguous_f32(t: &FlexTensor) -> Option<&[f32]> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    t.as_slice::<f32>()
-}
 
 /// `x` as rows of `d` and `γ`, when both are contiguous f32 and `γ` is `[d]`.
 fn operands<'a>(x: &'a FlexTensor, gamma: &'a FlexTensor) -> Option<(&'a [f32], &'a [f32])> {

@@ -246,6 +246,12 @@ pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4>
         );
         return Tensor::from_dispatch(out);
     }
+    composed_rotary(x, cos, sin)
+}
+
+/// [`apply_rotary`] written out in tensor operations (other backends; the fused operation's
+/// reference in its tests).
+pub fn composed_rotary(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
     let [_, _, _, dim] = x.dims();
     let half = dim / 2;
     let x1 = x.clone().narrow(3, 0, half);

@@ -21,11 +21,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex};
-use burn::tensor::{activation, DType, Device, Tensor, TensorData};
+use burn::tensor::{activation, Device, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_math::{sigmoid, sigmoid_pair};
+use crate::nn::cpu_ops::contiguous_f32;
 
 /// `silu(gate) · up` for tensors of the same shape.
 pub fn silu_gate<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
@@ -147,14 +148,6 @@ pub(crate) fn composed_gradients<B: Backend>(
 
 /// Elements per parallel task: large enough to amortise the task, small enough to balance.
 const CHUNK: usize = 1 << 14;
-
-/// The contiguous f32 elements of a tensor, `None` otherwise.
-fn contiguous_f32(t: &FlexTensor) -> Option<&[f32]> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    t.as_slice::<f32>()
-}
 
 /// The same shape, every tensor contiguous f32: the element-wise kernels' precondition.
 fn operands<const N: usize>(tensors: [&FlexTensor; N]) -> Option<[&[f32]; N]> {

@@ -1,0 +1,108 @@
+//! Pieces the CPU kernels share: contiguous f32 access to a flex tensor, and matrix products
+//! (`gemm`, the crate flex itself uses) into row-major buffers.
+
+use burn::tensor::DType;
+use burn_flex::FlexTensor;
+
+/// The contiguous f32 elements of a tensor, `None` for another dtype or layout.
+pub fn contiguous_f32(t: &FlexTensor) -> Option<&[f32]> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    t.as_slice::<f32>()
+}
+
+/// A strided f32 matrix read by a product: element `(i, j)` at
+/// `ptr + i·row_stride + j·column_stride`.
+#[derive(Clone, Copy)]
+pub struct Operand {
+    ptr: *const f32,
+    rows: usize,
+    columns: usize,
+    row_stride: isize,
+    column_stride: isize,
+}
+
+impl Operand {
+    /// The caller keeps `ptr` valid for the whole `rows × columns` extent while it is used.
+    pub fn new(
+        ptr: *const f32,
+        [rows, columns]: [usize; 2],
+        [row_stride, column_stride]: [isize; 2],
+    ) -> Self {
+        Operand {
+            ptr,
+            rows,
+            columns,
+            row_stride,
+            column_stride,
+        }
+    }
+
+    /// `data` as `rows` rows of `columns` contiguous elements.
+    pub fn row_major(data: &[f32], rows: usize, columns: usize) -> Self {
+        debug_assert!(data.len() >= rows * columns);
+        Operand::new(data.as_ptr(), [rows, columns], [columns as isize, 1])
+    }
+
+    /// The same elements read as the transpose.
+    pub fn transposed(self) -> Self {
+        Operand {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+}
+
+/// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` when `accumulate`, where `dst` is
+/// `lhs.rows × rhs.columns`, row-major with rows `dst_row_stride` apart.
+///
+/// # Safety
+/// Both operands are valid for their extents, `lhs.columns == rhs.rows`, and `dst` is writable
+/// for its extent (and initialised when `accumulate`).
+pub unsafe fn product_into(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    debug_assert_eq!(lhs.columns, rhs.rows);
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            lhs.rows,
+            rhs.columns,
+            lhs.columns,
+            dst,
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.column_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.column_stride,
+            rhs.row_stride,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
