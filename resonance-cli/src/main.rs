@@ -9,6 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::FloatDType;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use resonance_core::config::{BackendKind as ConfigBackend, ExperimentConfig};
@@ -72,6 +73,10 @@ enum Command {
         max_prompt_length: Option<usize>,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
+        /// Weights and activations in this dtype (bf16/f16 where the backend has it; log-probs
+        /// are computed in f32).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        dtype: Precision,
     },
     /// Generate a response to a prompt (and images).
     Generate {
@@ -100,6 +105,10 @@ enum Command {
         json: bool,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
+        /// Weights and activations in this dtype (bf16/f16 where the backend has it; log-probs
+        /// are computed in f32).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        dtype: Precision,
     },
     /// List the supported architectures and the config `model_type`s they accept.
     Models,
@@ -182,14 +191,35 @@ fn main() {
     }
 }
 
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    fn float_dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::Bf16 => FloatDType::BF16,
+            Precision::F16 => FloatDType::F16,
+        }
+    }
+}
+
 fn load(
     reference: &str,
     backend: BackendKind,
+    dtype: Precision,
 ) -> Result<(AnyModel, Processor, burn::tensor::Device)> {
     let device = backend::device(backend)?;
     let dir = resolve_model(reference)?;
-    tracing::info!(model = %dir.display(), backend = ?backend, "loading");
-    let model = AnyModel::load(&dir, &device).with_context(|| format!("loading {reference}"))?;
+    tracing::info!(model = %dir.display(), backend = ?backend, dtype = ?dtype, "loading");
+    let model = AnyModel::load(&dir, &device)
+        .and_then(|m| m.into_precision(dtype.float_dtype(), &device))
+        .with_context(|| format!("loading {reference}"))?;
     let processor = Processor::from_dir(&dir, &model)
         .with_context(|| format!("loading the processor of {reference}"))?;
     Ok((model, processor, device))
@@ -307,12 +337,13 @@ fn run(cli: Cli) -> Result<()> {
             max_length,
             max_prompt_length,
             backend,
+            dtype,
         } => {
             if let Some(format) = pairs {
                 let format: resonance_core::data::DataFormat =
                     serde_json::from_value(serde_json::Value::String(format.clone()))
                         .map_err(|_| anyhow::anyhow!("--pairs {format}: not a data format"))?;
-                let (model, processor, device) = load(&model, backend)?;
+                let (model, processor, device) = load(&model, backend, dtype)?;
                 let count = std::fs::read_to_string(&data)
                     .with_context(|| format!("reading {}", data.display()))?
                     .lines()
@@ -343,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let records = read_score_records(&data)?;
             let model_dir = resolve_model(&model)?;
-            let (model, processor, device) = load(&model, backend)?;
+            let (model, processor, device) = load(&model, backend, dtype)?;
             let root = image_root
                 .unwrap_or_else(|| data.parent().map(Path::to_path_buf).unwrap_or_default());
             let bar = ProgressBar::new(records.len() as u64);
@@ -404,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             json,
             backend,
+            dtype,
         } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");
@@ -411,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             if temperature < 0.0 {
                 bail!("--temperature must be ≥ 0, got {temperature}");
             }
-            let (model, processor, device) = load(&model, backend)?;
+            let (model, processor, device) = load(&model, backend, dtype)?;
             let prompt_text = processor.render_prompt(&prompt, image.len())?;
             let prompt_ids = processor.prompt_ids(&prompt_text, image.len())?;
             let pixels = processor.pixel_values(&image, &device)?;

@@ -1,5 +1,6 @@
 //! Errors raised while resolving, configuring and loading models.
 
+use burn::tensor::FloatDType;
 use std::path::PathBuf;
 
 /// Everything that can go wrong between a model reference and a ready module.
@@ -35,6 +36,9 @@ pub enum ModelError {
         supported: String,
     },
     /// No weights were found in a model directory.
+    #[error("{dtype:?} is not supported by the {device} device")]
+    UnsupportedDtype { dtype: FloatDType, device: String },
+
     #[error("{dir}: no model.safetensors or model.safetensors.index.json found")]
     NoWeights { dir: PathBuf },
     /// A safetensors file could not be opened or parsed.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llava::config::LlavaConfig;
@@ -10,6 +10,7 @@ use crate::llava::model::{Llava, LlavaInputs};
 use crate::llava::weights::load_llava;
 use crate::load::{model_type, read_config};
 use crate::nn::attention::KvCache;
+use crate::nn::precision::{cast_params, ensure_supported};
 use crate::text::config::{DecoderFamily, TextConfig};
 use crate::text::model::CausalLm;
 use crate::text::weights::load_causal_lm;
@@ -100,6 +101,28 @@ impl AnyModel {
             path: PathBuf::from(dir).join("config.json"),
             model_type: kind,
             supported: supported.join(", "),
+        })
+    }
+
+    /// The whole model in `dtype` for inference: every float parameter converted and the
+    /// activations computed in it (logits still come out in f32). An error if the device lacks
+    /// the dtype.
+    pub fn into_precision(self, dtype: FloatDType, device: &Device) -> Result<Self> {
+        if dtype == FloatDType::F32 {
+            return Ok(self);
+        }
+        ensure_supported(device, dtype)?;
+        Ok(match self {
+            AnyModel::Text(model, config) => {
+                let mut model = cast_params(*model, dtype);
+                model.compute_dtype = dtype;
+                AnyModel::Text(Box::new(model), config)
+            }
+            AnyModel::Llava(model, config) => {
+                let mut model = cast_params(*model, dtype);
+                model.language_model.compute_dtype = dtype;
+                AnyModel::Llava(Box::new(model), config)
+            }
         })
     }
 

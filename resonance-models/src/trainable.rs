@@ -1,7 +1,7 @@
 //! What a trainer needs from a model, whatever its architecture.
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llava::model::Llava;
@@ -63,6 +63,12 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
 
     /// The decoder, mutably (to attach a value head).
     fn decoder_mut(&mut self) -> &mut CausalLm;
+
+    /// Sets the dtype activations are computed in (see [`crate::nn::precision`]); the
+    /// parameters' own dtypes are set separately.
+    fn set_compute_dtype(&mut self, dtype: FloatDType) {
+        self.decoder_mut().compute_dtype = dtype;
+    }
 
     /// Logits `[b, t, vocab]` of a batch.
     fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {

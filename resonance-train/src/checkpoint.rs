@@ -9,9 +9,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use burn::tensor::FloatDType;
 use burn_store::{
     BurnToPyTorchAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, SafetensorsStore,
 };
+use resonance_models::nn::precision::cast_params;
 use resonance_models::trainable::{rename_path, TrainableModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -115,6 +117,8 @@ pub fn save_hf_model<M: TrainableModel + ModuleSnapshot + Clone>(
 ) -> Result<()> {
     let mut merged = model.clone();
     merged.visit_linears("", &mut |_, linear| linear.merge_lora());
+    // Frozen weights of a half-precision run are widened: the file is f32 throughout.
+    let merged = cast_params(merged, FloatDType::F32);
     fs::create_dir_all(out).map_err(io_err(out))?;
     let path = out.join(MODEL_WEIGHTS);
     // A text reward model is written as transformers' `*ForSequenceClassification`, which has

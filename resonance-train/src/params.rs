@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// The stable id of the parameter at `path` (64-bit FNV-1a of the path).
 pub fn stable_param_id(path: &str) -> ParamId {
@@ -60,6 +60,7 @@ impl ModuleMapper for PrepareParams<'_> {
 pub struct ParamInfo {
     pub id: ParamId,
     pub numel: usize,
+    pub dtype: DType,
 }
 
 /// Every float parameter by module path.
@@ -92,6 +93,7 @@ impl ModuleVisitor for Table {
             ParamInfo {
                 id: param.id,
                 numel: param.shape().num_elements(),
+                dtype: param.val().dtype(),
             },
         );
     }

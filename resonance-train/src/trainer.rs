@@ -16,16 +16,17 @@ use burn::module::ParamGroup;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::optim::lr_scheduler::LrSchedulerRecord;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use burn_store::ModuleSnapshot;
 use indicatif::{ProgressBar, ProgressStyle};
 use resonance_core::config::Method;
 use resonance_core::config::{
-    ExperimentConfig, GroupTraining, StopAt, TargetModules, TrainableGroups,
+    Dtype, ExperimentConfig, GroupTraining, StopAt, TargetModules, TrainableGroups,
 };
 use resonance_core::data::{Conversation, Dataset, MixtureSampler, OnError, SampleRef};
 use resonance_models::load::resolve_model;
 use resonance_models::nn::linear::{AdaptersDisabled, LoraSpec};
+use resonance_models::nn::precision::{cast_params_where, ensure_supported};
 use resonance_models::processor::Processor;
 use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
@@ -89,6 +90,9 @@ pub struct TrainSummary {
     pub refused: BTreeMap<String, usize>,
     pub trainable_parameters: usize,
     pub total_parameters: usize,
+    /// Parameter elements per storage dtype (`"f32"`, `"bf16"`, …); under half precision the
+    /// frozen ones are in the half dtype.
+    pub parameters_by_dtype: BTreeMap<String, usize>,
 }
 
 /// Trains `config` on `device` (the autodiff wrapper is added here).
@@ -408,7 +412,23 @@ where
         group_of(&groups, M::component_of(path)) == GroupTraining::Full
     };
     let mut model = prepare_params(model, &trained);
+    let dtype = float_dtype(config.model.dtype);
+    if dtype != FloatDType::F32 {
+        // Frozen weights are stored in the half dtype, trained ones stay f32 master weights
+        // (see `resonance_models::nn::precision`).
+        ensure_supported(device, dtype).map_err(|e| {
+            TrainError::Input(format!("model.dtype = {:?}: {e}", config.model.dtype))
+        })?;
+        model = cast_params_where(model, dtype, &|path, _| !trained(path));
+        model.set_compute_dtype(dtype);
+    }
     let table = param_table(&model);
+    let mut parameters_by_dtype: BTreeMap<String, usize> = BTreeMap::new();
+    for info in table.values() {
+        *parameters_by_dtype
+            .entry(format!("{:?}", info.dtype).to_lowercase())
+            .or_default() += info.numel;
+    }
     let total_parameters: usize = table.values().map(|p| p.numel).sum();
     let trainable_parameters: usize = table
         .iter()
@@ -425,6 +445,7 @@ where
         100.0 * trainable_parameters as f64 / total_parameters as f64,
         adapted.len()
     );
+    tracing::info!("parameters by dtype: {parameters_by_dtype:?}");
 
     // Data.
     let datasets = config
@@ -567,7 +588,7 @@ where
                 .as_ref()
                 .map(|r| r.model.as_str())
                 .unwrap_or_default();
-            Reference::Copy(Box::new(load_reference(path, &model, device)?))
+            Reference::Copy(Box::new(load_reference(path, &model, dtype, device)?))
         }
         Method::Dpo | Method::Kto
             if !adapted.is_empty() && !table.keys().any(|p| trained(p) && !is_lora_path(p)) =>
@@ -729,6 +750,7 @@ where
         refused: stream.refused,
         trainable_parameters,
         total_parameters,
+        parameters_by_dtype,
     })
 }
 
@@ -773,10 +795,26 @@ fn precomputed_reference(datasets: &[Dataset]) -> Result<bool> {
     }
 }
 
-/// The frozen reference model of `[method.reference] model`, loaded without gradients.
-fn load_reference<M: TrainableModel>(reference: &str, policy: &M, device: &Device) -> Result<M> {
+/// The floating-point type of `model.dtype`.
+pub fn float_dtype(dtype: Dtype) -> FloatDType {
+    match dtype {
+        Dtype::F32 => FloatDType::F32,
+        Dtype::Bf16 => FloatDType::BF16,
+        Dtype::F16 => FloatDType::F16,
+    }
+}
+
+/// The frozen reference model of `[method.reference] model`, loaded without gradients, in the
+/// policy's compute dtype.
+fn load_reference<M: TrainableModel>(
+    reference: &str,
+    policy: &M,
+    dtype: FloatDType,
+    device: &Device,
+) -> Result<M> {
     let dir = resolve_model(reference)?;
-    let loaded = AnyModel::load(&dir, &device.clone().inner())?;
+    let plain = device.clone().inner();
+    let loaded = AnyModel::load(&dir, &plain)?.into_precision(dtype, &plain)?;
     let vocab = loaded.text_config().vocab_size;
     let model = M::from_any(loaded).ok_or_else(|| {
         TrainError::Input(format!(

@@ -100,6 +100,48 @@ fn demo_dpo_starts_at_ln2_and_learns_the_preferences() {
 }
 
 #[test]
+fn bf16_dpo_starts_at_ln2_and_learns_the_preferences() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = ExperimentConfig::load(root().join("configs/demo_dpo.toml"), &[] as &[&str])
+        .expect("the demo config loads");
+    for d in &mut cfg.data.datasets {
+        d.path = root().join(&d.path);
+        d.image_root = d.image_root.as_ref().map(|r| root().join(r));
+    }
+    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    cfg.model.dtype = resonance_core::config::Dtype::Bf16;
+    cfg.train.epochs = Some(8);
+    cfg.train.output_dir = out.path().to_path_buf();
+    let summary = run(&cfg);
+    // The frozen base (the reference, adapters off) is bf16; only the adapters are f32.
+    assert_eq!(
+        summary.parameters_by_dtype.get("f32"),
+        Some(&summary.trainable_parameters)
+    );
+    assert_eq!(
+        summary.parameters_by_dtype.get("bf16"),
+        Some(&(summary.total_parameters - summary.trainable_parameters))
+    );
+    let m = metrics(out.path());
+    // Policy and reference run the same bf16 operations on the same weights at step 1.
+    let first = &m[0];
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{first}"
+    );
+    let mean = |rows: &[serde_json::Value], key: &str| {
+        rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    let last = &m[m.len() - 20..];
+    assert!(
+        mean(last, "rewards/margins") > mean(&m[..20], "rewards/margins") + 0.5,
+        "margins did not grow"
+    );
+    assert!(mean(last, "loss") < mean(&m[..20], "loss") - 0.1);
+}
+
+#[test]
 fn each_image_is_encoded_once_per_pair() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

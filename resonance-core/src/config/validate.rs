@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::error::Problem;
-use super::{Dtype, ExperimentConfig, GroupTraining, Method, TargetModules};
+use super::{ExperimentConfig, GroupTraining, Method, TargetModules};
 use crate::data::{DataFormat, Mixing, LARGEST_GAP};
 
 /// Every problem of `cfg`, in section order.
@@ -18,23 +18,6 @@ pub(super) fn problems(cfg: &ExperimentConfig) -> Vec<Problem> {
             "must be set to a model directory or hub id".into(),
         );
     }
-    let half = match cfg.model.dtype {
-        Dtype::F32 => None,
-        Dtype::Bf16 => Some("bf16"),
-        Dtype::F16 => Some("f16"),
-    };
-    if let Some(name) = half {
-        // Weights load and every kernel computes in f32; a half-precision request must not be
-        // silently run in f32.
-        add(
-            "model.dtype",
-            format!(
-                "\"{name}\" is not implemented yet: weights and compute are f32 on every \
-                 backend; set \"f32\" or leave the key out"
-            ),
-        );
-    }
-
     // [data]
     let data = &cfg.data;
     if data.datasets.is_empty() {

@@ -8,6 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::config::{FeatureSelect, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
+use crate::nn::precision::to_dtype;
 use crate::text::config::Activation;
 use crate::text::model::{activate, CausalLm};
 use crate::vision::clip::ClipVisionModel;
@@ -110,6 +111,7 @@ impl Llava {
             .copied()
             .max()
             .unwrap_or(0);
+        let pixel_values = to_dtype(pixel_values, self.language_model.compute_dtype.into());
         let states = self.vision_tower.hidden_states(pixel_values, up_to);
         let picked: Vec<Tensor<3>> = self
             .settings

@@ -16,6 +16,7 @@ use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype
 use burn::tensor::{DType, Device, Distribution, Tensor};
 
 use crate::nn::fused_linear::FusedLinear;
+use crate::nn::precision::cast_like;
 
 /// A linear layer `y = x·W + b` (+ a LoRA update when an adapter is attached).
 ///
@@ -130,13 +131,22 @@ impl Linear {
             Some(adapter) if !adapters_disabled() => {
                 // On the CPU backend, without adapter dropout, one operation accumulates the
                 // update into the base product (`fused_linear`).
-                if adapter.dropout.prob == 0.0 && D >= 2 && x.device().inner() == Device::flex() {
+                let base = self.base_weight();
+                let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
+                let all_f32 = [x.dtype(), base.dtype(), a.dtype(), b.dtype()]
+                    .iter()
+                    .all(|d| *d == DType::F32);
+                if adapter.dropout.prob == 0.0
+                    && D >= 2
+                    && all_f32
+                    && x.device().inner() == Device::flex()
+                {
                     let out = fold_rows(x, self.dims()[1], |x| {
                         let out = Dispatch::fused_lora_linear(
                             x.into_dispatch(),
-                            self.base_weight().into_dispatch(),
-                            adapter.lora_a.val().into_dispatch(),
-                            adapter.lora_b.val().into_dispatch(),
+                            base.into_dispatch(),
+                            a.into_dispatch(),
+                            b.into_dispatch(),
                             adapter.scale,
                         );
                         Tensor::from_dispatch(out)
@@ -207,10 +217,12 @@ impl Linear {
     }
 
     /// Folds the adapter into the base weight, `W ← W + scale·A·B`, and removes it. A quantized
-    /// base is dequantized first (the merged weight is f32).
+    /// base is dequantized first (the merged weight is f32); otherwise it keeps the base's dtype.
     pub fn merge_lora(&mut self) {
         if let Some(adapter) = self.lora.take() {
-            let merged = self.base_weight() + adapter.delta();
+            let base = self.base_weight();
+            let delta = cast_like(adapter.delta(), &base);
+            let merged = base + delta;
             self.weight = Param::initialized(self.weight.id, merged);
         }
     }
@@ -254,6 +266,9 @@ pub fn flat_linear<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    // Under half precision a trained (f32) weight is rounded to the activations' dtype here.
+    let weight = cast_like(weight, &x);
+    let bias = bias.map(|b| cast_like(b, &x));
     if D < 2 {
         return linear(x, weight, bias);
     }

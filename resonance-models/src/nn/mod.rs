@@ -6,6 +6,7 @@ pub mod fused_attention;
 pub mod fused_linear;
 pub mod fused_rope;
 pub mod linear;
+pub mod precision;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_gate;

@@ -22,20 +22,38 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex, TensorMetadata};
 use burn::nn::RmsNorm;
-use burn::tensor::{Device, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_ops::contiguous_f32;
+use crate::nn::precision::{cast_like, to_dtype};
 
-/// `norm.forward(x)`, through the fused operation on the CPU backend.
+/// `norm.forward(x)`, through the fused operation on the CPU backend; in half precision as
+/// transformers' Llama-family norms compute it.
 pub fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
     let gamma = norm.gamma.val();
+    if x.dtype() != DType::F32 {
+        return widened_rms_norm(x, gamma, norm.epsilon);
+    }
+    let gamma = cast_like(gamma, &x);
     if x.device().inner() == Device::flex() && gamma.dims()[0] == x.dims()[D - 1] {
         let out = Dispatch::fused_rms_norm(x.into_dispatch(), gamma.into_dispatch(), norm.epsilon);
         return Tensor::from_dispatch(out);
     }
     norm.forward(x)
+}
+
+/// RMSNorm of a half-precision `x`: `x · 1/√(mean(x²) + ε)` in f32, rounded to `x`'s dtype,
+/// then times `γ` in that dtype (transformers' `LlamaRMSNorm` order; Burn's module would divide
+/// the half `x` by a rounded norm instead).
+fn widened_rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, epsilon: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let wide = to_dtype(x, DType::F32);
+    let inverse = (wide.clone().square().mean_dim(D - 1) + epsilon)
+        .sqrt()
+        .recip();
+    to_dtype(wide * inverse, dtype) * to_dtype(gamma, dtype).unsqueeze()
 }
 
 /// The fused RMS normalisation.

@@ -8,6 +8,7 @@ use burn::backend::Dispatch;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::nn::fused_rope::FusedRope;
+use crate::nn::precision::cast_like;
 use serde_json::Value;
 
 /// The frequency schedule of one model's rotary embedding.
@@ -237,6 +238,12 @@ impl RopeScaling {
 /// Rotates `x` (`[batch, heads, seq, head_dim]`) by the angles in `cos`/`sin` (`[batch, seq,
 /// head_dim]`), the "rotate half" convention of Llama-family checkpoints.
 pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
+    if x.dtype() != cos.dtype() {
+        // Half precision: the tables are computed in f32 and rounded, as transformers does.
+        let cos = cast_like(cos.clone(), &x);
+        let sin = cast_like(sin.clone(), &x);
+        return composed_rotary(x, &cos, &sin);
+    }
     if x.device().inner() == Device::flex() {
         // One pass each way on the CPU backend, in the input's own layout (see `fused_rope`).
         let out = Dispatch::fused_rope(

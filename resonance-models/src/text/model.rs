@@ -5,11 +5,12 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Activation, TextConfig};
 use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
 use crate::nn::linear::{flat_linear, join, Linear, LinearLayers};
+use crate::nn::precision::to_dtype;
 use crate::nn::rms_norm::rms_norm;
 use crate::nn::rope::{apply_rotary, RopeScaling};
 use crate::nn::silu_gate::silu_gate;
@@ -81,6 +82,10 @@ pub struct CausalLm {
     pub score: Option<Linear>,
     #[module(skip)]
     pub rope: RopeScaling,
+    /// The dtype activations are computed in (see [`crate::nn::precision`]); f32 unless the
+    /// model was put in half precision.
+    #[module(skip)]
+    pub compute_dtype: FloatDType,
 }
 
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
@@ -202,6 +207,7 @@ impl CausalLm {
                 .then(|| linear(config.hidden_size, config.vocab_size, false, device)),
             score: None,
             rope: config.rope.clone(),
+            compute_dtype: FloatDType::F32,
         }
     }
 
@@ -226,7 +232,7 @@ impl CausalLm {
         let [b, t, _] = hidden.dims();
         self.score
             .as_ref()
-            .map(|head| head.forward(hidden).reshape([b, t]))
+            .map(|head| to_dtype(head.forward(hidden).reshape([b, t]), DType::F32))
     }
 
     /// Embeds token ids `[b, t]` → `[b, t, hidden]`.
@@ -235,7 +241,10 @@ impl CausalLm {
         let t = ids.first().map(Vec::len).unwrap_or(0);
         let flat: Vec<i64> = ids.iter().flatten().map(|&id| id as i64).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), device);
-        self.model.embed_tokens.forward(ids)
+        to_dtype(
+            self.model.embed_tokens.forward(ids),
+            self.compute_dtype.into(),
+        )
     }
 
     /// Runs the decoder on embeddings and returns the final hidden states `[b, t, hidden]`.
@@ -310,15 +319,17 @@ impl CausalLm {
         rms_norm(&self.model.norm, x)
     }
 
-    /// Projects hidden states to vocabulary logits.
+    /// Projects hidden states to vocabulary logits, returned in f32 whatever the compute dtype
+    /// (losses and log-probabilities are taken in f32).
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let weight = self.model.embed_tokens.weight.val();
                 flat_linear(hidden, weight.transpose(), None)
             }
-        }
+        };
+        to_dtype(logits, DType::F32)
     }
 
     /// Logits `[b, t, vocab]` from input embeddings at the default positions (after the cached

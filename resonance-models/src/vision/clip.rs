@@ -5,13 +5,14 @@ use crate::nn::linear::{join, Linear, LinearLayers};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
 use crate::error::{ModelError, Result};
 use crate::nn::attention::scaled_attention;
+use crate::nn::precision::to_dtype;
 use crate::text::config::Activation;
 use crate::text::model::activate;
 
@@ -138,6 +139,28 @@ impl ClipVisionConfig {
     }
 }
 
+/// `norm.forward(x)` (`epsilon` is the norm's own: Burn keeps it private). A half-precision `x` is normalised in f32 from tensor operations and
+/// rounded back, as torch's LayerNorm does: Burn's module would run the CPU backend's fused
+/// kernel without autodiff and the composed default under it, whose last-bit differences in f32
+/// round to different half values, so DPO's policy and adapters-off reference would disagree.
+fn layer_norm(norm: &LayerNorm, epsilon: f64, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    let x = to_dtype(x, DType::F32);
+    let mean = x.clone().mean_dim(2);
+    let centered = x - mean;
+    let variance = centered.clone().square().mean_dim(2);
+    let normed = centered / (variance + epsilon).sqrt();
+    let gamma = to_dtype(norm.gamma.val(), DType::F32).unsqueeze::<3>();
+    let out = match &norm.beta {
+        Some(beta) => normed * gamma + to_dtype(beta.val(), DType::F32).unsqueeze::<3>(),
+        None => normed * gamma,
+    };
+    to_dtype(out, dtype)
+}
+
 #[derive(Module, Debug)]
 pub struct ClipEmbeddings {
     pub class_embedding: Param<Tensor<1>>,
@@ -169,6 +192,8 @@ pub struct ClipEncoderLayer {
     pub layer_norm1: LayerNorm,
     pub mlp: ClipMlp,
     pub layer_norm2: LayerNorm,
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 #[derive(Module, Debug)]
@@ -184,6 +209,8 @@ pub struct ClipVisionTransformer {
     pub pre_layrnorm: LayerNorm,
     pub encoder: ClipEncoder,
     pub post_layernorm: LayerNorm,
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 /// `CLIPVisionModel`.
@@ -208,9 +235,16 @@ impl ClipAttention {
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(layer_norm(&self.layer_norm1, self.layer_norm_eps, x));
         let m = self.mlp.fc2.forward(activate(
-            self.mlp.fc1.forward(self.layer_norm2.forward(h.clone())),
+            self.mlp.fc1.forward(layer_norm(
+                &self.layer_norm2,
+                self.layer_norm_eps,
+                h.clone(),
+            )),
             self.mlp.activation,
         ));
         h + m
@@ -244,6 +278,7 @@ impl ClipVisionModel {
                     activation,
                 },
                 layer_norm2: ln(),
+                layer_norm_eps: config.layer_norm_eps,
             })
             .collect();
         Ok(ClipVisionModel {
@@ -263,6 +298,7 @@ impl ClipVisionModel {
                 pre_layrnorm: ln(),
                 encoder: ClipEncoder { layers },
                 post_layernorm: ln(),
+                layer_norm_eps: config.layer_norm_eps,
             },
         })
     }
@@ -275,13 +311,23 @@ impl ClipVisionModel {
     /// Embeddings after `pre_layrnorm`: `[n, 1 + patches, hidden]` (hidden state 0).
     pub fn embed(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         let e = &self.vision_model.embeddings;
-        let patches = e.patch_embedding.forward(pixel_values); // [n, c, gh, gw]
+        // The pixels' dtype is the compute dtype; the convolution runs in its weight's dtype
+        // (transformers casts the pixels to it).
+        let dtype = pixel_values.dtype();
+        let pixel_values = to_dtype(pixel_values, e.patch_embedding.weight.val().dtype());
+        let patches = to_dtype(e.patch_embedding.forward(pixel_values), dtype); // [n, c, gh, gw]
         let [n, c, gh, gw] = patches.dims();
         let patches = patches.reshape([n, c, gh * gw]).swap_dims(1, 2);
-        let class = e.class_embedding.val().reshape([1, 1, c]).expand([n, 1, c]);
+        let class = to_dtype(e.class_embedding.val(), dtype)
+            .reshape([1, 1, c])
+            .expand([n, 1, c]);
         let tokens = Tensor::cat(vec![class, patches], 1);
-        let positions = e.position_embedding.weight.val().unsqueeze_dim::<3>(0);
-        self.vision_model.pre_layrnorm.forward(tokens + positions)
+        let positions = to_dtype(e.position_embedding.weight.val(), dtype).unsqueeze_dim::<3>(0);
+        layer_norm(
+            &self.vision_model.pre_layrnorm,
+            self.vision_model.layer_norm_eps,
+            tokens + positions,
+        )
     }
 
     /// Hidden states `0..=up_to` as transformers' `output_hidden_states` numbers them (0 is the
