@@ -54,10 +54,7 @@ pub fn is_plain_float(dtype: DType) -> bool {
 
 /// Converts every plain float parameter of `module` to `dtype` (ids and `require_grad` kept).
 pub fn cast_params<M: Module>(module: M, dtype: FloatDType) -> M {
-    module.map(&mut CastParams {
-        select: &|_, _| true,
-        dtype,
-    })
+    cast_params_where(module, dtype, &|_, _| true)
 }
 
 /// Converts the plain float parameters for which `select(path, require_grad)` holds to `dtype`.
@@ -71,19 +68,6 @@ pub fn cast_params_where<M: Module>(
         select,
         dtype,
     })
-}
-
-struct CastParams<'a> {
-    select: &'a dyn Fn(&str, bool) -> bool,
-    dtype: FloatDType,
-}
-
-impl ModuleMapper for CastParams<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        cast_param(param, self.dtype, |require_grad| {
-            (self.select)("", require_grad)
-        })
-    }
 }
 
 struct PathCast<'a> {
