@@ -9,10 +9,9 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::FloatDType;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use resonance_core::config::{BackendKind as ConfigBackend, ExperimentConfig};
+use resonance_core::config::{BackendKind as ConfigBackend, Dtype, ExperimentConfig};
 use resonance_models::generate::{generate, SamplingConfig};
 use resonance_models::load::resolve_model;
 use resonance_models::processor::Processor;
@@ -22,7 +21,7 @@ use resonance_train::score::{
     pair_reference_logps, read_score_records, reward_records, score_records, with_reference_logps,
     PairScoring,
 };
-use resonance_train::trainer::{merge_lora, train, Resume, TrainOptions};
+use resonance_train::trainer::{float_dtype, merge_lora, train, Resume, TrainOptions};
 
 use backend::BackendKind;
 
@@ -73,10 +72,10 @@ enum Command {
         max_prompt_length: Option<usize>,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
-        /// Weights and activations in this dtype (bf16/f16 where the backend has it; log-probs
-        /// are computed in f32).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
-        dtype: Precision,
+        /// Weights and activations in this dtype: f32, bf16 or f16 (bf16/f16 where the backend
+        /// has it; log-probs are computed in f32).
+        #[arg(long, value_parser = parse_dtype, default_value = "f32")]
+        dtype: Dtype,
     },
     /// Generate a response to a prompt (and images).
     Generate {
@@ -105,10 +104,10 @@ enum Command {
         json: bool,
         #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
         backend: BackendKind,
-        /// Weights and activations in this dtype (bf16/f16 where the backend has it; log-probs
-        /// are computed in f32).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
-        dtype: Precision,
+        /// Weights and activations in this dtype: f32, bf16 or f16 (bf16/f16 where the backend
+        /// has it; log-probs are computed in f32).
+        #[arg(long, value_parser = parse_dtype, default_value = "f32")]
+        dtype: Dtype,
     },
     /// List the supported architectures and the config `model_type`s they accept.
     Models,
@@ -191,34 +190,22 @@ fn main() {
     }
 }
 
-/// `--dtype`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Precision {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Precision {
-    fn float_dtype(self) -> FloatDType {
-        match self {
-            Precision::F32 => FloatDType::F32,
-            Precision::Bf16 => FloatDType::BF16,
-            Precision::F16 => FloatDType::F16,
-        }
-    }
+/// `--dtype`, spelled as `model.dtype` in a config.
+fn parse_dtype(text: &str) -> std::result::Result<Dtype, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string()))
+        .map_err(|_| format!("`{text}` is not a dtype (f32, bf16, f16)"))
 }
 
 fn load(
     reference: &str,
     backend: BackendKind,
-    dtype: Precision,
+    dtype: Dtype,
 ) -> Result<(AnyModel, Processor, burn::tensor::Device)> {
     let device = backend::device(backend)?;
     let dir = resolve_model(reference)?;
     tracing::info!(model = %dir.display(), backend = ?backend, dtype = ?dtype, "loading");
     let model = AnyModel::load(&dir, &device)
-        .and_then(|m| m.into_precision(dtype.float_dtype(), &device))
+        .and_then(|m| m.into_precision(float_dtype(dtype), &device))
         .with_context(|| format!("loading {reference}"))?;
     let processor = Processor::from_dir(&dir, &model)
         .with_context(|| format!("loading the processor of {reference}"))?;

@@ -77,6 +77,49 @@ fn generate_json_matches_transformers_greedy_ids() {
 }
 
 #[test]
+fn score_in_bf16_is_close_to_f32_and_a_bad_dtype_is_named() {
+    let score = |dtype: &str| {
+        resonance(&[
+            "score",
+            "--model",
+            "fixtures/tiny-llava",
+            "--data",
+            "data/demo/score.jsonl",
+            "--dtype",
+            dtype,
+        ])
+    };
+    let logprobs = |out: &str| -> Vec<f64> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["logprob"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (ok, full, err) = score("f32");
+    assert!(ok, "{err}");
+    let (ok, half, err) = score("bf16");
+    assert!(ok, "{err}");
+    let (full, half) = (logprobs(&full), logprobs(&half));
+    assert_eq!(full.len(), half.len());
+    for (f, h) in full.iter().zip(&half) {
+        // Sums of a few dozen bf16 log-probs: close, and not computed in f32.
+        assert!(
+            (f - h).abs() < 0.05 * f.abs() && f != h,
+            "f32 {f} vs bf16 {h}"
+        );
+    }
+    let (ok, _, err) = score("fp8");
+    assert!(!ok);
+    assert!(
+        err.contains("--dtype") && err.contains("`fp8` is not a dtype"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_image_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d.jsonl");

@@ -35,10 +35,10 @@ pub enum ModelError {
         model_type: String,
         supported: String,
     },
-    /// No weights were found in a model directory.
+    /// The device cannot compute in the requested dtype.
     #[error("{dtype:?} is not supported by the {device} device")]
     UnsupportedDtype { dtype: FloatDType, device: String },
-
+    /// No weights were found in a model directory.
     #[error("{dir}: no model.safetensors or model.safetensors.index.json found")]
     NoWeights { dir: PathBuf },
     /// A safetensors file could not be opened or parsed.

@@ -14,6 +14,7 @@ use crate::nn::precision::{cast_params, ensure_supported};
 use crate::text::config::{DecoderFamily, TextConfig};
 use crate::text::model::CausalLm;
 use crate::text::weights::load_causal_lm;
+use crate::trainable::TrainableModel;
 
 /// One supported architecture, as `resonance models` lists it.
 #[derive(Debug, Clone)]
@@ -112,17 +113,14 @@ impl AnyModel {
             return Ok(self);
         }
         ensure_supported(device, dtype)?;
+        fn convert<M: TrainableModel>(model: M, dtype: FloatDType) -> Box<M> {
+            let mut model = cast_params(model, dtype);
+            model.set_compute_dtype(dtype);
+            Box::new(model)
+        }
         Ok(match self {
-            AnyModel::Text(model, config) => {
-                let mut model = cast_params(*model, dtype);
-                model.compute_dtype = dtype;
-                AnyModel::Text(Box::new(model), config)
-            }
-            AnyModel::Llava(model, config) => {
-                let mut model = cast_params(*model, dtype);
-                model.language_model.compute_dtype = dtype;
-                AnyModel::Llava(Box::new(model), config)
-            }
+            AnyModel::Text(model, config) => AnyModel::Text(convert(*model, dtype), config),
+            AnyModel::Llava(model, config) => AnyModel::Llava(convert(*model, dtype), config),
         })
     }
 

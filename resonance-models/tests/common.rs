@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use resonance_models::registry::{AnyModel, ModelInputs};
 use safetensors::{Dtype, SafeTensors};
 
 /// The repository's `fixtures/` folder.
@@ -51,6 +52,26 @@ pub fn read_tensors(path: &PathBuf) -> HashMap<String, Expected> {
         );
     }
     out
+}
+
+/// Logits of `model` on the inputs of a fixture's `expected.safetensors` (`input_ids`,
+/// `attention_mask`, and `pixel_values` when present), placed on `device`.
+pub fn fixture_logits(
+    model: &AnyModel,
+    expected: &HashMap<String, Expected>,
+    device: &Device,
+) -> resonance_models::Result<Tensor<3>> {
+    let ids = rows_u32(&expected["input_ids"]);
+    let mask = rows_bool(&expected["attention_mask"]);
+    model.forward(
+        ModelInputs {
+            input_ids: &ids,
+            attention_mask: &mask,
+            pixel_values: expected.get("pixel_values").map(|p| tensor4(p, device)),
+        },
+        None,
+        device,
+    )
 }
 
 /// Rows of an `[b, t]` integer tensor.

@@ -12,7 +12,7 @@ mod common;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, FloatDType, Tensor};
 use common::*;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::AnyModel;
 
 /// Dtypes of every float parameter.
 struct Dtypes(Vec<DType>);
@@ -27,9 +27,7 @@ fn check(name: &str, dtype: FloatDType, label: &str, device: &Device) {
     let dir = fixtures().join(name);
     let expected = read_tensors(&dir.join("expected.safetensors"));
     let half = read_tensors(&fixtures().join("half/expected.safetensors"));
-    let ids = rows_u32(&expected["input_ids"]);
     let mask = rows_bool(&expected["attention_mask"]);
-    let pixel_values = expected.get("pixel_values").map(|p| tensor4(p, device));
     let model = AnyModel::load(&dir, device)
         .and_then(|m| m.into_precision(dtype, device))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -43,17 +41,8 @@ fn check(name: &str, dtype: FloatDType, label: &str, device: &Device) {
         "{name}: parameters not all {label}: {:?}",
         dtypes.0
     );
-    let logits = model
-        .forward(
-            ModelInputs {
-                input_ids: &ids,
-                attention_mask: &mask,
-                pixel_values,
-            },
-            None,
-            device,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits =
+        fixture_logits(&model, &expected, device).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(logits.dtype(), DType::F32, "{name}: logits leave in f32");
     let f32_logits = &expected["logits"];
     let vocab = f32_logits.shape[2];

@@ -4,7 +4,7 @@ mod common;
 
 use burn::tensor::Device;
 use common::*;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::AnyModel;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -16,21 +16,10 @@ fn check_model(name: &str, device: &Device) -> f32 {
 fn check_model_against(name: &str, reference: &str, device: &Device) -> f32 {
     let dir = fixtures().join(name);
     let expected = read_tensors(&fixtures().join(reference).join("expected.safetensors"));
-    let ids = rows_u32(&expected["input_ids"]);
     let mask = rows_bool(&expected["attention_mask"]);
-    let pixel_values = expected.get("pixel_values").map(|p| tensor4(p, device));
     let model = AnyModel::load(&dir, device).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let logits = model
-        .forward(
-            ModelInputs {
-                input_ids: &ids,
-                attention_mask: &mask,
-                pixel_values,
-            },
-            None,
-            device,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits =
+        fixture_logits(&model, &expected, device).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = &expected["logits"];
     assert_eq!(
         logits.dims().to_vec(),

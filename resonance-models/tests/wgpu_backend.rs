@@ -5,28 +5,16 @@ mod common;
 
 use burn::tensor::{Device, DeviceKind};
 use common::*;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::AnyModel;
 
 #[test]
 fn llava_on_wgpu_matches_cpu() {
     let dir = fixtures().join("tiny-llava");
     let expected = read_tensors(&dir.join("expected.safetensors"));
-    let ids = rows_u32(&expected["input_ids"]);
     let mask = rows_bool(&expected["attention_mask"]);
     let run = |device: &Device| {
         let model = AnyModel::load(&dir, device).expect("fixture loads");
-        let logits = model
-            .forward(
-                ModelInputs {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    pixel_values: Some(tensor4(&expected["pixel_values"], device)),
-                },
-                None,
-                device,
-            )
-            .expect("forward");
-        host(logits)
+        host(fixture_logits(&model, &expected, device).expect("forward"))
     };
     let cpu = run(&Device::flex());
     let gpu = run(&Device::wgpu(DeviceKind::DefaultDevice));
@@ -45,7 +33,6 @@ fn f16_on_wgpu_matches_transformers_and_bf16_is_refused() {
     let dir = fixtures().join("tiny-llava");
     let expected = read_tensors(&dir.join("expected.safetensors"));
     let half = read_tensors(&fixtures().join("half/expected.safetensors"));
-    let ids = rows_u32(&expected["input_ids"]);
     let mask = rows_bool(&expected["attention_mask"]);
     let load = || AnyModel::load(&dir, &device).expect("fixture loads");
     if device.supports_dtype(FloatDType::BF16) {
@@ -63,17 +50,7 @@ fn f16_on_wgpu_matches_transformers_and_bf16_is_refused() {
     let model = load()
         .into_precision(FloatDType::F16, &device)
         .expect("f16 on wgpu");
-    let logits = model
-        .forward(
-            ModelInputs {
-                input_ids: &ids,
-                attention_mask: &mask,
-                pixel_values: Some(tensor4(&expected["pixel_values"], &device)),
-            },
-            None,
-            &device,
-        )
-        .expect("forward");
+    let logits = fixture_logits(&model, &expected, &device).expect("forward");
     let vocab = expected["logits"].shape[2];
     let ours = host(logits);
     let our_error = max_masked_diff(&ours, &expected["logits"].floats, &mask, vocab);

@@ -47,6 +47,18 @@ output_dir = "{out}"
     config
 }
 
+/// `configs/demo_dpo.toml` with its paths made absolute.
+fn demo_config() -> ExperimentConfig {
+    let mut cfg = ExperimentConfig::load(root().join("configs/demo_dpo.toml"), &[] as &[&str])
+        .expect("the demo config loads");
+    for d in &mut cfg.data.datasets {
+        d.path = root().join(&d.path);
+        d.image_root = d.image_root.as_ref().map(|r| root().join(r));
+    }
+    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    cfg
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -63,13 +75,7 @@ fn run(config: &ExperimentConfig) -> TrainSummary {
 fn demo_dpo_starts_at_ln2_and_learns_the_preferences() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
-    let mut cfg = ExperimentConfig::load(root().join("configs/demo_dpo.toml"), &[] as &[&str])
-        .expect("the demo config loads");
-    for d in &mut cfg.data.datasets {
-        d.path = root().join(&d.path);
-        d.image_root = d.image_root.as_ref().map(|r| root().join(r));
-    }
-    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    let mut cfg = demo_config();
     cfg.train.output_dir = out.path().to_path_buf();
     run(&cfg);
     let m = metrics(out.path());
@@ -103,13 +109,7 @@ fn demo_dpo_starts_at_ln2_and_learns_the_preferences() {
 fn bf16_dpo_starts_at_ln2_and_learns_the_preferences() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
-    let mut cfg = ExperimentConfig::load(root().join("configs/demo_dpo.toml"), &[] as &[&str])
-        .expect("the demo config loads");
-    for d in &mut cfg.data.datasets {
-        d.path = root().join(&d.path);
-        d.image_root = d.image_root.as_ref().map(|r| root().join(r));
-    }
-    cfg.model.path = root().join(&cfg.model.path).display().to_string();
+    let mut cfg = demo_config();
     cfg.model.dtype = resonance_core::config::Dtype::Bf16;
     cfg.train.epochs = Some(8);
     cfg.train.output_dir = out.path().to_path_buf();

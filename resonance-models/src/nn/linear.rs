@@ -132,6 +132,7 @@ impl Linear {
                 // On the CPU backend, without adapter dropout, one operation accumulates the
                 // update into the base product (`fused_linear`).
                 let base = self.base_weight();
+                let bias = self.bias.as_ref().map(|b| b.val());
                 let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
                 let all_f32 = [x.dtype(), base.dtype(), a.dtype(), b.dtype()]
                     .iter()
@@ -151,9 +152,11 @@ impl Linear {
                         );
                         Tensor::from_dispatch(out)
                     });
-                    return add_bias(out, self.bias.as_ref().map(|b| b.val()));
+                    return add_bias(out, bias);
                 }
-                self.forward_base(x.clone()) + adapter.forward(x)
+                // `forward_base` with the base weight already at hand (a QLoRA base is
+                // dequantized once).
+                flat_linear(x.clone(), base, bias) + adapter.forward(x)
             }
             _ => self.forward_base(x),
         }

@@ -45,7 +45,7 @@ pub fn cast_like<const D: usize, const E: usize>(t: Tensor<D>, like: &Tensor<E>)
 
 /// Whether `dtype` is a plain floating-point dtype a parameter may be converted to (not a
 /// quantized one: a QLoRA base keeps its own storage).
-pub fn is_plain_float(dtype: DType) -> bool {
+fn is_plain_float(dtype: DType) -> bool {
     matches!(
         dtype,
         DType::F64 | DType::F32 | DType::Flex32 | DType::F16 | DType::BF16

@@ -27,7 +27,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_ops::contiguous_f32;
-use crate::nn::precision::{cast_like, to_dtype};
+use crate::nn::precision::to_dtype;
 
 /// `norm.forward(x)`, through the fused operation on the CPU backend; in half precision as
 /// transformers' Llama-family norms compute it.
@@ -36,7 +36,6 @@ pub fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
     if x.dtype() != DType::F32 {
         return widened_rms_norm(x, gamma, norm.epsilon);
     }
-    let gamma = cast_like(gamma, &x);
     if x.device().inner() == Device::flex() && gamma.dims()[0] == x.dims()[D - 1] {
         let out = Dispatch::fused_rms_norm(x.into_dispatch(), gamma.into_dispatch(), norm.epsilon);
         return Tensor::from_dispatch(out);

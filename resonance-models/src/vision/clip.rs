@@ -139,10 +139,11 @@ impl ClipVisionConfig {
     }
 }
 
-/// `norm.forward(x)` (`epsilon` is the norm's own: Burn keeps it private). A half-precision `x` is normalised in f32 from tensor operations and
-/// rounded back, as torch's LayerNorm does: Burn's module would run the CPU backend's fused
-/// kernel without autodiff and the composed default under it, whose last-bit differences in f32
-/// round to different half values, so DPO's policy and adapters-off reference would disagree.
+/// `norm.forward(x)` (`epsilon` is the norm's own: Burn keeps it private). A half-precision `x`
+/// is normalised in f32 from tensor operations and rounded back, as torch's LayerNorm does:
+/// Burn's module would run the CPU backend's fused kernel without autodiff and the composed
+/// default under it, whose last-bit differences in f32 round to different half values, so DPO's
+/// policy and adapters-off reference would disagree.
 fn layer_norm(norm: &LayerNorm, epsilon: f64, x: Tensor<3>) -> Tensor<3> {
     let dtype = x.dtype();
     if dtype == DType::F32 {
