@@ -1,5 +1,6 @@
 //! Training methods, losses and the scoring that preference methods build on.
 
+pub mod adamw;
 pub mod bench;
 pub mod checkpoint;
 pub mod data_check;

@@ -15,7 +15,7 @@ use std::time::Instant;
 use burn::module::ParamGroup;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::optim::lr_scheduler::LrSchedulerRecord;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, FloatDType, Tensor};
 use burn_store::ModuleSnapshot;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,6 +32,7 @@ use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
 use serde_json::json;
 
+use crate::adamw::FusedAdamW;
 use crate::checkpoint::{
     list_checkpoints, load_trainable, rotate_checkpoints, save_hf_model, save_peft_adapter,
     save_trainable, write_dir_atomically, AdapterConfig, TrainerState, OPTIMIZER_STATE,
@@ -217,19 +218,19 @@ fn trained_regexes<M: TrainableModel>(groups: &TrainableGroups, reward: bool) ->
 }
 
 /// The optimizer: AdamW, without weight decay on biases and norm weights (as transformers'
-/// `Trainer` groups them).
+/// `Trainer` groups them). [`FusedAdamW`] is Burn's AdamW with a one-pass update on the CPU.
 pub fn build_optimizer(config: &ExperimentConfig) -> Result<ModuleOptimizer> {
     let o = &config.optim;
-    let adamw = AdamWConfig::new()
-        .with_beta_1(o.betas[0] as f32)
-        .with_beta_2(o.betas[1] as f32)
-        .with_epsilon(o.eps as f32)
-        .with_weight_decay(o.weight_decay as f32);
+    let adamw = FusedAdamW::new(
+        o.betas[0] as f32,
+        o.betas[1] as f32,
+        o.eps as f32,
+        o.weight_decay as f32,
+    );
     let no_decay = ParamGroup::from_regex(r"(\.bias|\.gamma|\.beta)$")
         .map_err(|e| TrainError::Input(format!("{e:?}")))?;
-    Ok(adamw
-        .init()
-        .with_group(no_decay, adamw.clone().with_weight_decay(0.0).build(), None))
+    let no_decay_adamw = adamw.with_weight_decay(0.0);
+    Ok(ModuleOptimizer::from(adamw).with_group(no_decay, no_decay_adamw, None))
 }
 
 fn build_scheduler<M: TrainableModel>(

@@ -1,3 +1,4 @@
+pub mod adamw;
 pub mod attention;
 pub mod cpu_attention;
 pub mod cpu_math;
