@@ -8,13 +8,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use resonance_core::config::Dtype;
 use resonance_train::bench::{
-    build_profile, compare_table, cpu_model, file_sha256, load_avg, matmul_peak, print_table,
-    run_workload, weights_file, weights_info, BenchSpec, RunOptions, SCHEMA_VERSION,
+    build_profile, compare_table, cpu_model, dtype_name, file_sha256, load_avg, matmul_peak,
+    print_table, run_workload, weights_file, weights_info, BenchSpec, RunOptions, SCHEMA_VERSION,
 };
+use resonance_train::trainer::float_dtype;
 use serde_json::{json, Map, Value};
 
 use crate::backend::{self, BackendKind};
+use crate::parse_dtype;
 
 /// Arguments of `resonance bench`.
 #[derive(clap::Args, Debug)]
@@ -49,6 +52,11 @@ pub struct BenchArgs {
     pub no_run: bool,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    /// Precision: f32, bf16 or f16. Training keeps trained weights in f32 and stores the frozen
+    /// ones in the dtype (as `model.dtype`); scoring and generation store every weight in it
+    /// (as `--dtype` of `score`/`generate`). The matmul peak is measured in the same dtype.
+    #[arg(long, value_parser = parse_dtype, default_value = "f32")]
+    pub dtype: Dtype,
     /// Run one workload in this process and write its JSON here (internal).
     #[arg(long, hide = true, requires = "child_out")]
     pub child: Option<String>,
@@ -60,6 +68,15 @@ fn usable_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// `--dtype` as the children are given it.
+fn dtype_arg(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+        Dtype::F16 => "f16",
+    }
 }
 
 fn backend_name(kind: BackendKind) -> &'static str {
@@ -100,6 +117,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         steps: args.steps.unwrap_or(spec.steps),
         warmup: args.warmup.unwrap_or(spec.warmup),
         threads,
+        dtype: float_dtype(args.dtype),
     };
     if options.steps == 0 {
         bail!("--steps must be ≥ 1");
@@ -173,7 +191,7 @@ fn run_all(
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
     let load_start = load_avg();
     let device = backend::device(args.backend)?;
-    let peak = matmul_peak(&device, 2048, 10, 2)?;
+    let peak = matmul_peak(&device, 2048, 10, 2, options.dtype)?;
     let peak_gflops = peak["gflops"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
         "matmul peak: {peak_gflops:.1} GFLOP/s ({} threads, {})",
@@ -214,6 +232,7 @@ fn run_all(
             .args(["--warmup", &options.warmup.to_string()])
             .args(["--threads", &options.threads.to_string()])
             .args(["--backend", backend_arg(args.backend)])
+            .args(["--dtype", dtype_arg(args.dtype)])
             .env("RAYON_NUM_THREADS", options.threads.to_string())
             .output()
             .with_context(|| format!("running {}", exe.display()))?;
@@ -285,7 +304,7 @@ fn run_all(
             "weights": weights.display().to_string(),
             "weights_sha256": weights_sha256,
             "seed": info.as_ref().and_then(|i| i.get("seed").cloned()).unwrap_or(json!(spec.seed)),
-            "dtype": "float32",
+            "dtype": dtype_name(options.dtype),
             "attn_implementation": attention_implementation(args.backend),
             "params": info.as_ref().and_then(|i| i.get("params").cloned()).unwrap_or(Value::Null),
         },

@@ -191,7 +191,7 @@ fn main() {
 }
 
 /// `--dtype`, spelled as `model.dtype` in a config.
-fn parse_dtype(text: &str) -> std::result::Result<Dtype, String> {
+pub(crate) fn parse_dtype(text: &str) -> std::result::Result<Dtype, String> {
     serde_json::from_value(serde_json::Value::String(text.to_string()))
         .map_err(|_| format!("`{text}` is not a dtype (f32, bf16, f16)"))
 }

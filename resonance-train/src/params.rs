@@ -63,6 +63,16 @@ pub struct ParamInfo {
     pub dtype: DType,
 }
 
+/// Parameter elements per storage dtype (`"f32"`, `"bf16"`, …) of a [`param_table`].
+pub fn parameters_by_dtype(table: &BTreeMap<String, ParamInfo>) -> BTreeMap<String, usize> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    for info in table.values() {
+        *out.entry(format!("{:?}", info.dtype).to_lowercase())
+            .or_default() += info.numel;
+    }
+    out
+}
+
 /// Every float parameter by module path.
 pub fn param_table<M: Module>(model: &M) -> BTreeMap<String, ParamInfo> {
     let mut visitor = Table {

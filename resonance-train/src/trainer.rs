@@ -39,7 +39,9 @@ use crate::checkpoint::{
     SCHEDULER_STATE, TRAINABLE_WEIGHTS, TRAINER_STATE,
 };
 use crate::error::{Result, TrainError};
-use crate::params::{clip_grad_norm, is_lora_path, param_table, prepare_params};
+use crate::params::{
+    clip_grad_norm, is_lora_path, param_table, parameters_by_dtype, prepare_params,
+};
 use crate::reward::RankedBatch;
 use crate::schedule::WarmupSchedule;
 use crate::sft::{encode_conversation, sft_loss, Refusal, SftBatch};
@@ -412,24 +414,17 @@ where
         }
         group_of(&groups, M::component_of(path)) == GroupTraining::Full
     };
-    let mut model = prepare_params(model, &trained);
+    let model = prepare_params(model, &trained);
     let dtype = float_dtype(config.model.dtype);
-    if dtype != FloatDType::F32 {
-        // Frozen weights are stored in the half dtype, trained ones stay f32 master weights
-        // (see `resonance_models::nn::precision`).
-        ensure_supported(device, dtype).map_err(|e| {
-            TrainError::Input(format!("model.dtype = {:?}: {e}", config.model.dtype))
-        })?;
-        model = cast_params_where(model, dtype, &|path, _| !trained(path));
-        model.set_compute_dtype(dtype);
-    }
+    let mut model = apply_precision(
+        model,
+        dtype,
+        device,
+        &trained,
+        &format!("model.dtype = {:?}", config.model.dtype),
+    )?;
     let table = param_table(&model);
-    let mut parameters_by_dtype: BTreeMap<String, usize> = BTreeMap::new();
-    for info in table.values() {
-        *parameters_by_dtype
-            .entry(format!("{:?}", info.dtype).to_lowercase())
-            .or_default() += info.numel;
-    }
+    let parameters_by_dtype = parameters_by_dtype(&table);
     let total_parameters: usize = table.values().map(|p| p.numel).sum();
     let trainable_parameters: usize = table
         .iter()
@@ -794,6 +789,25 @@ fn precomputed_reference(datasets: &[Dataset]) -> Result<bool> {
             ),
         }),
     }
+}
+
+/// The precision of a run in `dtype`: the parameters `trained` does not select are stored in
+/// `dtype` and the activations computed in it, trained ones stay f32 master weights (see
+/// `resonance_models::nn::precision`). A device without the dtype is an error naming `setting`.
+pub fn apply_precision<M: TrainableModel>(
+    model: M,
+    dtype: FloatDType,
+    device: &Device,
+    trained: &dyn Fn(&str) -> bool,
+    setting: &str,
+) -> Result<M> {
+    if dtype == FloatDType::F32 {
+        return Ok(model);
+    }
+    ensure_supported(device, dtype).map_err(|e| TrainError::Input(format!("{setting}: {e}")))?;
+    let mut model = cast_params_where(model, dtype, &|path, _| !trained(path));
+    model.set_compute_dtype(dtype);
+    Ok(model)
 }
 
 /// The floating-point type of `model.dtype`.

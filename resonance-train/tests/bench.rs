@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 use resonance_train::bench::{compare_table, run_workload, BenchSpec, RunOptions};
 use serde_json::{json, Value};
 
@@ -62,6 +62,7 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
         steps: 1,
         warmup: 1,
         threads: 1,
+        dtype: FloatDType::F32,
     };
     let mut results = serde_json::Map::new();
     for name in names {
@@ -149,9 +150,67 @@ fn a_missing_weights_dir_says_how_to_build_it() {
         steps: 1,
         warmup: 1,
         threads: 1,
+        dtype: FloatDType::F32,
     };
     let err = run_workload(&spec, "score", &missing, &options, &Device::flex())
         .unwrap_err()
         .to_string();
     assert!(err.contains("--write-weights"), "{err}");
+}
+
+/// `--dtype bf16`: the training workloads keep trained weights in f32 and store the frozen ones
+/// in bf16, scoring stores every weight in bf16; the numbers move by bf16 rounding only, DPO
+/// still starts at ln 2 (policy and reference see the same bf16 weights), and the matmul peak
+/// and the comparison name the dtype.
+#[test]
+fn bf16_workloads_train_and_score_in_half_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights_dir = root().join("fixtures/tiny-llava");
+    let path = tmp.path().join("workloads.json");
+    std::fs::write(&path, tiny_workloads(weights_dir.to_str().unwrap())).unwrap();
+    let spec = BenchSpec::load(&path).unwrap();
+    let device = Device::flex();
+    let run = |name: &str, dtype| {
+        let options = RunOptions {
+            steps: 1,
+            warmup: 1,
+            threads: 1,
+            dtype,
+        };
+        Value::Object(run_workload(&spec, name, &weights_dir, &options, &device).unwrap())
+    };
+    let (sft32, sft16) = (run("sft", FloatDType::F32), run("sft", FloatDType::BF16));
+    assert_eq!(sft32["parameters_by_dtype"].as_object().unwrap().len(), 1);
+    let by_dtype = sft16["parameters_by_dtype"].as_object().unwrap();
+    assert!(by_dtype["bf16"].as_u64().unwrap() > 0, "{by_dtype:?}");
+    assert_eq!(by_dtype["f32"], sft16["trainable_params"], "{by_dtype:?}");
+    let (a, b) = (f(&sft32, "loss_first"), f(&sft16, "loss_first"));
+    assert!(
+        a != b && (a - b).abs() < 0.02 * a,
+        "sft loss f32 {a} vs bf16 {b}"
+    );
+
+    let dpo = run("dpo", FloatDType::BF16);
+    assert!((f(&dpo, "loss_first") - std::f64::consts::LN_2).abs() < 1e-6);
+    let by_dtype = dpo["parameters_by_dtype"].as_object().unwrap();
+    assert_eq!(
+        by_dtype["f32"], dpo["trainable_params"],
+        "LoRA factors stay f32"
+    );
+
+    let (score32, score16) = (
+        run("score", FloatDType::F32),
+        run("score", FloatDType::BF16),
+    );
+    let (a, b) = (
+        f(&score32, "completion_logp_sum_mean"),
+        f(&score16, "completion_logp_sum_mean"),
+    );
+    assert!(
+        a != b && (a - b).abs() < 0.05 * a.abs(),
+        "score f32 {a} vs bf16 {b}"
+    );
+
+    let peak = resonance_train::bench::matmul_peak(&device, 64, 1, 0, FloatDType::BF16).unwrap();
+    assert_eq!(peak["dtype"], json!("bfloat16"));
 }
