@@ -136,13 +136,12 @@ fn fused_step(
         v.storage_mut::<f32>(),
     );
     debug_assert!(ps.len() == n && ms.len() == n && vs.len() == n);
-    let update: fn(&mut [f32], &mut [f32], &mut [f32], &[f32], &AdamWCoefficients) =
-        match (first, c.keep.is_some()) {
-            (true, true) => update_chunk::<true, true>,
-            (true, false) => update_chunk::<true, false>,
-            (false, true) => update_chunk::<false, true>,
-            (false, false) => update_chunk::<false, false>,
-        };
+    let update: ChunkUpdate = match (first, c.keep.is_some()) {
+        (true, true) => update_chunk::<true, true>,
+        (true, false) => update_chunk::<true, false>,
+        (false, true) => update_chunk::<false, true>,
+        (false, false) => update_chunk::<false, false>,
+    };
     ps.par_chunks_mut(CHUNK)
         .zip(ms.par_chunks_mut(CHUNK))
         .zip(vs.par_chunks_mut(CHUNK))
@@ -150,6 +149,9 @@ fn fused_step(
         .for_each(|(((p, m), v), g)| update(p, m, v, g, &c));
     (p, m, v)
 }
+
+/// `update_chunk` with its flags chosen: `(parameter, m, v, gradient, coefficients)`.
+type ChunkUpdate = fn(&mut [f32], &mut [f32], &mut [f32], &[f32], &AdamWCoefficients);
 
 /// The update of one chunk. The branches are constants and the slices are walked by iterators,
 /// so the loop vectorises (the SIMD square root and division round exactly like the scalar ones).
@@ -251,8 +253,8 @@ mod tests {
                 beta_1: 0.9,
                 beta_2: 0.999,
                 epsilon: 1e-8,
-                bias_correction_1: 1.0 - 0.9f32.powi(t as i32),
-                bias_correction_2: 1.0 - 0.999f32.powi(t as i32),
+                bias_correction_1: 1.0 - 0.9f32.powi(t),
+                bias_correction_2: 1.0 - 0.999f32.powi(t),
                 lr: 1e-3,
                 keep,
             };
