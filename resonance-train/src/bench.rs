@@ -37,7 +37,7 @@ use resonance_models::llava::model::Llava;
 use resonance_models::nn::linear::AdaptersDisabled;
 use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
-use resonance_models::vision::clip::VISION_TOWER_CALLS;
+use resonance_models::vision::clip::vision_tower_calls;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -758,7 +758,7 @@ pub fn run_workload(
     let rss_start = rss_mb();
     let mut notes: Vec<String> = Vec::new();
     let mut extra = Map::new();
-    let tower_calls_before = VISION_TOWER_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    let tower_calls_before = vision_tower_calls();
     // `config` is needed for FLOPs and inputs whatever the kind.
     let (config, tokens, mut step): (LlavaConfig, usize, StepFn) = match w.kind {
         WorkloadKind::Sft => {
@@ -1049,7 +1049,7 @@ pub fn run_workload(
     for _ in 0..options.warmup.max(1) {
         outputs.push(step()?);
     }
-    let tower_calls_warmup = VISION_TOWER_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    let tower_calls_warmup = vision_tower_calls();
     let mut times = Vec::new();
     let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for _ in 0..options.steps {

@@ -1,11 +1,10 @@
 //! DPO end to end on the tiny LLaVA and the demo preference pairs.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use burn::tensor::Device;
 use resonance_core::config::ExperimentConfig;
-use resonance_models::vision::clip::VISION_TOWER_CALLS;
+use resonance_models::vision::clip::vision_tower_calls;
 use resonance_train::trainer::{train, TrainOptions, TrainSummary};
 
 fn root() -> PathBuf {
@@ -167,9 +166,9 @@ fn each_image_is_encoded_once_per_pair() {
         if reference_passes == 0 {
             cfg.method.reference_free = true;
         }
-        let before = VISION_TOWER_CALLS.load(Ordering::SeqCst);
+        let before = vision_tower_calls();
         let summary = run(&cfg);
-        let calls = VISION_TOWER_CALLS.load(Ordering::SeqCst) - before;
+        let calls = vision_tower_calls() - before;
         // One policy encoding (+ one reference encoding) of the batch's images per step; encoding
         // chosen and rejected separately would double it.
         assert_eq!(

@@ -1,13 +1,12 @@
 //! Reward models end to end on the tiny LLaVA and the demo preference pairs.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use resonance_core::config::{ExperimentConfig, RankingLoss};
 use resonance_models::processor::Processor;
 use resonance_models::registry::AnyModel;
-use resonance_models::vision::clip::VISION_TOWER_CALLS;
+use resonance_models::vision::clip::vision_tower_calls;
 use resonance_train::losses::ranking_loss;
 use resonance_train::score::{reward_records, ScoreRecord};
 use resonance_train::trainer::{merge_lora, train, TrainOptions, TrainSummary};
@@ -165,9 +164,9 @@ fn lora_reward_model_encodes_each_image_once_and_merges_with_its_head() {
     cfg.lora.apply_to_vision = true;
     cfg.train.epochs = Some(1);
     cfg.train.freeze_projector = Some(true);
-    let before = VISION_TOWER_CALLS.load(Ordering::SeqCst);
+    let before = vision_tower_calls();
     let summary = run(&cfg);
-    let calls = VISION_TOWER_CALLS.load(Ordering::SeqCst) - before;
+    let calls = vision_tower_calls() - before;
     // One encoding of the batch's images per step serves both answers of every pair.
     assert_eq!(calls as u64, summary.global_step);
 
@@ -282,9 +281,9 @@ fn ranked_lists_train_with_plackett_luce_and_one_image_encoding_per_list() {
     cfg.data.datasets[0].format = resonance_core::data::DataFormat::Ranked;
     cfg.method.ranking_loss = RankingLoss::PlackettLuce;
     cfg.train.epochs = Some(15);
-    let before = VISION_TOWER_CALLS.load(Ordering::SeqCst);
+    let before = vision_tower_calls();
     let summary = run(&cfg);
-    let calls = VISION_TOWER_CALLS.load(Ordering::SeqCst) - before;
+    let calls = vision_tower_calls() - before;
     // Three answers per list, one encoding of the batch's images per step.
     assert_eq!(calls as u64, summary.global_step);
     let m = metrics(out.path());

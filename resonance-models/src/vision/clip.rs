@@ -334,7 +334,7 @@ impl ClipVisionModel {
     /// Hidden states `0..=up_to` as transformers' `output_hidden_states` numbers them (0 is the
     /// embedding output, `i` the output of layer `i - 1`); layers past `up_to` are not run.
     pub fn hidden_states(&self, pixel_values: Tensor<4>, up_to: usize) -> Vec<Tensor<3>> {
-        VISION_TOWER_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        VISION_TOWER_CALLS.with(|calls| calls.set(calls.get() + 1));
         let mut states = vec![self.embed(pixel_values)];
         for layer in self.vision_model.encoder.layers.iter().take(up_to) {
             let next = layer.forward(states.last().expect("embedding state").clone());
@@ -344,10 +344,16 @@ impl ClipVisionModel {
     }
 }
 
-/// How many times a CLIP tower has encoded images in this process (tests count the encodings
-/// of a preference batch with it).
-pub static VISION_TOWER_CALLS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static VISION_TOWER_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times a CLIP tower has encoded images on the calling thread (tests and the bench
+/// count the encodings of a preference batch with it). Per thread so that tests running side
+/// by side in one process do not count each other's encodings.
+pub fn vision_tower_calls() -> usize {
+    VISION_TOWER_CALLS.with(std::cell::Cell::get)
+}
 
 impl LinearLayers for ClipVisionModel {
     fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {
