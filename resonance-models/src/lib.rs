@@ -6,6 +6,7 @@ pub mod generate;
 pub mod llava;
 pub mod load;
 pub mod nn;
+pub mod packing;
 pub mod processor;
 pub mod registry;
 pub mod text;

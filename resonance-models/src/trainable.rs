@@ -5,9 +5,11 @@ use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llava::model::Llava;
+use crate::nn::attention::PackedLayout;
 use crate::nn::linear::LinearLayers;
+use crate::packing::SharedPrefixPacking;
 use crate::registry::ModelInputs;
-use crate::text::model::CausalLm;
+use crate::text::model::{CausalLm, DecoderInputs};
 
 /// The parts of a vision-language model that are frozen, trained or adapted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,13 +49,49 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     /// Final hidden states `[b, t, hidden]` of a batch whose rows come in `copies` groups of
     /// `n` rows: row `g·n + i` belongs to example `i`, and `pixel_values` holds the images of
     /// the `n` examples once. Each image is encoded once and its features serve every copy
-    /// (the chosen and rejected answers of a pair, or the candidates of a ranked list).
+    /// (the chosen and rejected answers of a pair, or the candidates of a ranked list); the
+    /// tokens an example's copies share at their start are run once when that saves work
+    /// ([`SharedPrefixPacking`]). Positions past a row's last real token hold no meaningful
+    /// state.
     fn hidden_grouped(
         &self,
         inputs: ModelInputs,
         copies: usize,
         device: &Device,
+    ) -> Result<Tensor<3>> {
+        let packing = SharedPrefixPacking::plan(
+            inputs.input_ids,
+            inputs.attention_mask,
+            copies,
+            self.image_token_id(),
+        );
+        match packing {
+            Some(packing) => {
+                let packed = ModelInputs {
+                    input_ids: &packing.input_ids,
+                    attention_mask: &packing.attention_mask,
+                    pixel_values: inputs.pixel_values,
+                };
+                let hidden = self.hidden_rows(packed, 1, Some(&packing.layout), device)?;
+                Ok(packing.unpack(hidden))
+            }
+            None => self.hidden_rows(inputs, copies, None, device),
+        }
+    }
+
+    /// Final hidden states of the rows as they are: `copies` groups as in
+    /// [`TrainableModel::hidden_grouped`] without packing, or, with a `packed` layout, packed
+    /// rows (one per example, `copies` = 1) at the layout's positions and segments.
+    fn hidden_rows(
+        &self,
+        inputs: ModelInputs,
+        copies: usize,
+        packed: Option<&PackedLayout>,
+        device: &Device,
     ) -> Result<Tensor<3>>;
+
+    /// The token id whose positions take image features, for a multimodal model.
+    fn image_token_id(&self) -> Option<u32>;
 
     /// This architecture's model out of a loaded checkpoint, or `None` for another architecture.
     fn from_any(model: crate::registry::AnyModel) -> Option<Self>;
@@ -108,6 +146,18 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     fn module_renames() -> Vec<(&'static str, &'static str)>;
 }
 
+/// The decoder's inputs for rows as they are or packed.
+fn decoder_inputs<'a>(
+    attention_mask: &'a [Vec<bool>],
+    packed: Option<&'a PackedLayout>,
+) -> DecoderInputs<'a> {
+    DecoderInputs {
+        attention_mask,
+        positions: packed.map(|layout| layout.positions.as_slice()),
+        segments: packed.map(|layout| layout.segments.as_slice()),
+    }
+}
+
 /// Applies `(regex, replacement)` renames in order to a path.
 pub fn rename_path(path: &str, renames: &[(&str, &str)]) -> String {
     let mut out = path.to_string();
@@ -136,10 +186,11 @@ impl TrainableModel for CausalLm {
         }
     }
 
-    fn hidden_grouped(
+    fn hidden_rows(
         &self,
         inputs: ModelInputs,
         _copies: usize,
+        packed: Option<&PackedLayout>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         if inputs.pixel_values.is_some() {
@@ -148,11 +199,11 @@ impl TrainableModel for CausalLm {
             ));
         }
         let embeds = self.embed(inputs.input_ids, device);
-        let decoder_inputs = crate::text::model::DecoderInputs {
-            attention_mask: inputs.attention_mask,
-            positions: None,
-        };
-        Ok(self.hidden_states(embeds, &decoder_inputs, None))
+        Ok(self.hidden_states(embeds, &decoder_inputs(inputs.attention_mask, packed), None))
+    }
+
+    fn image_token_id(&self) -> Option<u32> {
+        None
     }
 
     fn from_any(model: crate::registry::AnyModel) -> Option<Self> {
@@ -201,10 +252,11 @@ impl TrainableModel for Llava {
         })
     }
 
-    fn hidden_grouped(
+    fn hidden_rows(
         &self,
         inputs: ModelInputs,
         copies: usize,
+        packed: Option<&PackedLayout>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         let features = inputs.pixel_values.map(|pixels| {
@@ -212,13 +264,15 @@ impl TrainableModel for Llava {
             Tensor::cat(vec![once; copies.max(1)], 0)
         });
         let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
-        let decoder_inputs = crate::text::model::DecoderInputs {
-            attention_mask: inputs.attention_mask,
-            positions: None,
-        };
-        Ok(self
-            .language_model
-            .hidden_states(embeds, &decoder_inputs, None))
+        Ok(self.language_model.hidden_states(
+            embeds,
+            &decoder_inputs(inputs.attention_mask, packed),
+            None,
+        ))
+    }
+
+    fn image_token_id(&self) -> Option<u32> {
+        Some(self.settings.image_token_id)
     }
 
     fn from_any(model: crate::registry::AnyModel) -> Option<Self> {

@@ -35,6 +35,7 @@ use resonance_models::generate::{generate, generate_greedy_batch, SamplingConfig
 use resonance_models::llava::config::LlavaConfig;
 use resonance_models::llava::model::Llava;
 use resonance_models::nn::linear::AdaptersDisabled;
+use resonance_models::packing::SharedPrefixPacking;
 use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
 use resonance_models::vision::clip::vision_tower_calls;
@@ -546,8 +547,8 @@ fn lora_flops(c: &LlavaConfig, tokens: usize, r: usize) -> f64 {
 /// The analytic FLOPs of one step. `own = false`: reference.py's formula (the work the PyTorch
 /// side does: every tower layer, the DPO images encoded per sequence and forward, the LM head as
 /// TRL's fused head applies it). `own = true`: the work this implementation does (the tower stops
-/// at the feature layer, DPO encodes each image once per forward, the head projects every
-/// position).
+/// at the feature layer, DPO encodes each image once per forward and runs the tokens a pair's
+/// rows share once, the head projects every position).
 fn analytic_flops(
     c: &LlavaConfig,
     w: &Workload,
@@ -581,8 +582,16 @@ fn analytic_flops(
             let r = w.lora.as_ref().map_or(0, |l| l.r);
             let head = if own { n * seq } else { n * (seq - 1) };
             let images = if own { pairs } else { n };
-            let f = forward_flops(c, n, seq, images, head, vl);
-            let lora = lora_flops(c, n * seq, r);
+            // Own: one decoder row per pair, the image and prompt once, then both answers
+            // (shared-prefix packing; the LM head still projects every position of both rows).
+            let shared = image_tokens + w.prompt_text_tokens;
+            let (rows, row_len) = if own {
+                (pairs, shared + 2 * (seq - shared))
+            } else {
+                (n, seq)
+            };
+            let f = forward_flops(c, rows, row_len, images, head, vl);
+            let lora = lora_flops(c, rows * row_len, r);
             let policy = f.vision + f.projector + 2.0 * f.lm + 3.5 * f.lm_attn + 3.0 * lora;
             let reference = f.vision + f.projector + f.lm + f.lm_attn;
             (
@@ -888,14 +897,19 @@ pub fn run_workload(
             )];
             let mut optimizer = build_optimizer(&experiment)?;
             let lr = experiment.optim.lr;
+            let tokens = ids.len() * ids[0].len();
+            let packed = SharedPrefixPacking::plan(&ids, &mask, 2, Some(config.image_token_id))
+                .map_or(tokens, |p| p.packed_positions());
+            extra.insert("decoder_positions_per_forward".into(), json!(packed));
             notes.push(format!(
                 "trainer path: forward_pairs (each of the {pairs} images encoded once for its \
-                 chosen and rejected rows) for the policy, and again for the reference (adapters \
-                 disabled, no autodiff): {} image encodings per step; sequence_logps, \
-                 dpo::pair_loss, backward, the trainer's AdamW",
+                 chosen and rejected rows; the tokens a pair's rows share run once: {packed} \
+                 decoder positions per forward for {tokens} sequence positions) for the policy, \
+                 and again for the reference (adapters disabled, no autodiff): {} image \
+                 encodings per step; sequence_logps, dpo::pair_loss, backward, the trainer's \
+                 AdamW",
                 2 * pairs
             ));
-            let tokens = ids.len() * ids[0].len();
             let mut model = Some(model);
             let step: StepFn = Box::new(move || {
                 let m = model

@@ -126,6 +126,13 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
     assert_eq!(dpo["lora_layers"], json!(2 * 7));
     assert_eq!(dpo["vision_tower_calls_per_step"], json!(2));
     assert_eq!(dpo["images_encoded_per_step"], json!(4));
+    // Each pair's BOS, image and prompt run once, then both answers: 2 × (1 + 25 + 3 + 2 · 8)
+    // decoder positions instead of 4 × 37.
+    assert_eq!(dpo["tokens_per_step"], json!(4 * (1 + 25 + 3 + COMPLETION)));
+    assert_eq!(
+        dpo["decoder_positions_per_forward"],
+        json!(2 * (1 + 25 + 3 + 2 * COMPLETION))
+    );
 
     // Greedy decoding: all rows at once give row 0 the ids of the one-sequence decode.
     let b1 = results["generate_b1"]["first_new_ids_sample0"].clone();

@@ -20,6 +20,17 @@ pub struct MaskSpec {
     pub query_len: usize,
     /// `false` for bidirectional attention (vision encoders).
     pub causal: bool,
+    /// Packed rows (no cache): per row and key, the token's absolute position and its segment.
+    /// A query sees a key of its own segment or of segment 0 (the shared prefix) whose position
+    /// is not after its own; the causal and window rules then compare positions, not indices.
+    pub packed: Option<PackedLayout>,
+}
+
+/// Positions and segments of packed rows (see [`crate::packing`]).
+#[derive(Debug, Clone)]
+pub struct PackedLayout {
+    pub positions: Vec<Vec<usize>>,
+    pub segments: Vec<Vec<u32>>,
 }
 
 impl MaskSpec {
@@ -30,7 +41,43 @@ impl MaskSpec {
             past_len,
             query_len,
             causal: true,
+            packed: None,
         }
+    }
+
+    /// Causal mask over packed rows: `key_valid`, positions and segments per row, every token
+    /// both a query and a key.
+    pub fn packed(key_valid: Vec<Vec<bool>>, layout: PackedLayout) -> Self {
+        let query_len = key_valid.first().map(Vec::len).unwrap_or(0);
+        MaskSpec {
+            key_valid,
+            past_len: 0,
+            query_len,
+            causal: true,
+            packed: Some(layout),
+        }
+    }
+
+    /// Whether query `q` of `row` may not see key `k`.
+    fn hidden(&self, row: usize, q: usize, k: usize, window: Option<usize>) -> bool {
+        if !self.key_valid[row][k] {
+            return true;
+        }
+        let (q_pos, k_pos) = match &self.packed {
+            Some(layout) => {
+                let segments = &layout.segments[row];
+                if segments[k] != 0 && segments[k] != segments[q] {
+                    return true;
+                }
+                (layout.positions[row][q], layout.positions[row][k])
+            }
+            None => (self.past_len + q, k),
+        };
+        if self.causal && k_pos > q_pos {
+            return true;
+        }
+        // transformers' sliding window keeps keys with q - k < window.
+        window.is_some_and(|w| q_pos >= k_pos + w)
     }
 
     /// Boolean mask `[batch, heads, q, k]`, `true` where attention is forbidden. Returns `None`
@@ -45,20 +92,10 @@ impl MaskSpec {
         let keys = self.key_valid.first().map(Vec::len).unwrap_or(0);
         let mut masked = Vec::with_capacity(batch * self.query_len * keys);
         let mut any = false;
-        for row in &self.key_valid {
+        for row in 0..batch {
             for q in 0..self.query_len {
-                let q_pos = self.past_len + q;
-                for (k, valid) in row.iter().enumerate() {
-                    let mut hide = !valid;
-                    if self.causal && k > q_pos {
-                        hide = true;
-                    }
-                    if let Some(w) = window {
-                        // transformers' sliding window keeps keys with q - k < window.
-                        if q_pos >= k + w {
-                            hide = true;
-                        }
-                    }
+                for k in 0..keys {
+                    let hide = self.hidden(row, q, k, window);
                     any |= hide;
                     masked.push(hide);
                 }

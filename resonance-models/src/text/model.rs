@@ -8,7 +8,7 @@ use burn::tensor::activation;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Activation, TextConfig};
-use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec};
+use crate::nn::attention::{repeat_kv, scaled_attention, KvCache, MaskSpec, PackedLayout};
 use crate::nn::linear::{flat_linear, join, Linear, LinearLayers};
 use crate::nn::precision::to_dtype;
 use crate::nn::rms_norm::rms_norm;
@@ -175,6 +175,9 @@ pub struct DecoderInputs<'a> {
     /// Absolute positions of the new tokens, `None` for `past_len..past_len + t` (what
     /// transformers uses when `position_ids` is not given).
     pub positions: Option<&'a [Vec<usize>]>,
+    /// Segments of packed rows (see [`crate::packing`]), with `positions` given and no cache:
+    /// a token attends to its own segment and to segment 0, the prefix the segments share.
+    pub segments: Option<&'a [Vec<u32>]>,
 }
 
 impl CausalLm {
@@ -283,7 +286,20 @@ impl CausalLm {
             }
             None => inputs.attention_mask.to_vec(),
         };
-        let spec = MaskSpec::causal(key_valid, past_len, t);
+        let spec = match inputs.segments {
+            Some(segments) => {
+                assert!(
+                    cache.is_none() && inputs.positions.is_some(),
+                    "packed rows take explicit positions and no cache"
+                );
+                let layout = PackedLayout {
+                    positions: positions.clone(),
+                    segments: segments.to_vec(),
+                };
+                MaskSpec::packed(key_valid, layout)
+            }
+            None => MaskSpec::causal(key_valid, past_len, t),
+        };
         let heads = self
             .model
             .layers
@@ -343,6 +359,7 @@ impl CausalLm {
         let inputs = DecoderInputs {
             attention_mask,
             positions: None,
+            segments: None,
         };
         self.logits(self.hidden_states(embeds, &inputs, cache))
     }
