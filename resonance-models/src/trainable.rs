@@ -123,6 +123,20 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
             .logits(self.hidden_grouped(inputs, 2, device)?))
     }
 
+    /// Logits `[b, k, vocab]` of a grouped batch (see [`TrainableModel::hidden_grouped`]) at
+    /// `positions[r]` of each row only ([`CausalLm::logits_at`]): what a loss over answer tokens
+    /// needs, without the head's work and memory at every other position.
+    fn target_logits(
+        &self,
+        inputs: ModelInputs,
+        copies: usize,
+        positions: &[Vec<usize>],
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        let hidden = self.hidden_grouped(inputs, copies, device)?;
+        Ok(self.decoder().logits_at(hidden, positions))
+    }
+
     /// Per-token values `[b, t]` of the value head on a grouped batch (see
     /// [`TrainableModel::hidden_grouped`]).
     fn values_grouped(

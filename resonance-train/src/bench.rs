@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dpo::pair_loss;
 use crate::error::{Result, TrainError};
-use crate::logprobs::{sequence_logps, token_logprobs};
+use crate::logprobs::{compact_targets, sequence_logps, token_logprobs};
 use crate::losses::{DpoLossConfig, DpoLossType};
 use crate::params::{is_lora_path, param_table, parameters_by_dtype, prepare_params};
 use crate::sft::sft_loss;
@@ -548,7 +548,7 @@ fn lora_flops(c: &LlavaConfig, tokens: usize, r: usize) -> f64 {
 /// side does: every tower layer, the DPO images encoded per sequence and forward, the LM head as
 /// TRL's fused head applies it). `own = true`: the work this implementation does (the tower stops
 /// at the feature layer, DPO encodes each image once per forward and runs the tokens a pair's
-/// rows share once, the head projects every position).
+/// rows share once, the training head projects the completion positions only).
 fn analytic_flops(
     c: &LlavaConfig,
     w: &Workload,
@@ -568,7 +568,8 @@ fn analytic_flops(
         WorkloadKind::Sft => {
             let b = w.rows(name)?;
             let seq = w.need(name, "text_tokens", w.text_tokens)? + image_tokens;
-            let head = if own { b * seq } else { b * (seq - 1) };
+            let completion = w.completion_tokens(name)?;
+            let head = if own { b * completion } else { b * (seq - 1) };
             let f = forward_flops(c, b, seq, b, head, vl);
             (
                 f.vision + 3.0 * (f.projector + f.lm) + 3.5 * f.lm_attn,
@@ -580,7 +581,8 @@ fn analytic_flops(
             let n = 2 * pairs;
             let seq = w.need(name, "text_tokens", w.text_tokens)? + image_tokens;
             let r = w.lora.as_ref().map_or(0, |l| l.r);
-            let head = if own { n * seq } else { n * (seq - 1) };
+            let completion = w.completion_tokens(name)?;
+            let head = if own { n * completion } else { n * (seq - 1) };
             let images = if own { pairs } else { n };
             // Own: one decoder row per pair, the image and prompt once, then both answers
             // (shared-prefix packing; the LM head still projects every position of both rows).
@@ -643,9 +645,12 @@ pub fn rss_mb() -> Option<f64> {
     status_kib("VmRSS:").map(|k| k / 1024.0)
 }
 
-/// Peak resident set size of this process in MiB (`VmHWM`).
+/// Peak resident set size of this process in MiB: `VmHWM`, or `VmRSS` when that is higher (the
+/// kernel updates the high-water mark lazily, so right after a thread's allocations the current
+/// size can read above it).
 pub fn peak_rss_mb() -> Option<f64> {
-    status_kib("VmHWM:").map(|k| k / 1024.0)
+    let peak = status_kib("VmHWM:")?;
+    Some(peak.max(status_kib("VmRSS:").unwrap_or(0.0)) / 1024.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -806,12 +811,13 @@ pub fn run_workload(
             let mut optimizer = build_optimizer(&experiment)?;
             let lr = experiment.optim.lr;
             notes.push(
-                "trainer path: TrainableModel::forward_inputs, sft_loss (mean NLL of the \
-                 completion tokens), backward, GradientsParams::from_grads, the trainer's AdamW \
+                "trainer path: TrainableModel::target_logits (the LM head at the completion \
+                 positions), sft_loss (mean NLL of the completion tokens), backward, GradientsParams::from_grads, the trainer's AdamW \
                  (build_optimizer); no gradient clipping (as reference.py)"
                     .into(),
             );
             let tokens = b * ids[0].len();
+            let (positions, targets) = compact_targets(&targets);
             let mut model = Some(model);
             let step: StepFn = Box::new(move || {
                 let m = model
@@ -819,12 +825,14 @@ pub fn run_workload(
                     .ok_or_else(|| input_error("the model was lost in a failed step"))?;
                 let mut t = Instant::now();
                 let pixels = inputs.pixels(b, &device);
-                let logits = m.forward_inputs(
+                let logits = m.target_logits(
                     ModelInputs {
                         input_ids: &ids,
                         attention_mask: &mask,
                         pixel_values: Some(pixels),
                     },
+                    1,
+                    &positions,
                     &device,
                 )?;
                 let loss = sft_loss(logits, &targets, normalizer);
@@ -862,6 +870,7 @@ pub fn run_workload(
             let mask = vec![vec![true; ids[0].len()]; ids.len()];
             let targets = completion_targets(&ids, inputs.prompt_len(w.prompt_text_tokens));
             let lengths: Vec<f32> = targets.iter().map(|t| t.len() as f32).collect();
+            let (positions, targets) = compact_targets(&targets);
             let experiment = experiment_config(&w, spec.seed);
             device.seed(spec.seed);
             let adapted = attach_lora(&mut model, &experiment, &device)?;
@@ -902,11 +911,11 @@ pub fn run_workload(
                 .map_or(tokens, |p| p.packed_positions());
             extra.insert("decoder_positions_per_forward".into(), json!(packed));
             notes.push(format!(
-                "trainer path: forward_pairs (each of the {pairs} images encoded once for its \
+                "trainer path: target_logits over the pairs (each of the {pairs} images encoded once for its \
                  chosen and rejected rows; the tokens a pair's rows share run once: {packed} \
                  decoder positions per forward for {tokens} sequence positions) for the policy, \
-                 and again for the reference (adapters disabled, no autodiff): {} image \
-                 encodings per step; sequence_logps, dpo::pair_loss, backward, the trainer's \
+                 and again for the reference (adapters disabled, no autodiff), the LM head at \
+                 the completion positions: {} image encodings per step; sequence_logps, dpo::pair_loss, backward, the trainer's \
                  AdamW",
                 2 * pairs
             ));
@@ -922,14 +931,18 @@ pub fn run_workload(
                 };
                 let mut t = Instant::now();
                 let policy_logits =
-                    m.forward_pairs(batch(inputs.pixels(pairs, &device)), &device)?;
+                    m.target_logits(batch(inputs.pixels(pairs, &device)), 2, &positions, &device)?;
                 let policy = sequence_logps(policy_logits, &targets);
                 let forward_policy = lap(&device, &mut t)?;
                 let reference = {
                     let _off = AdaptersDisabled::new();
                     let frozen = m.valid();
-                    let logits =
-                        frozen.forward_pairs(batch(inputs.pixels(pairs, &plain)), &plain)?;
+                    let logits = frozen.target_logits(
+                        batch(inputs.pixels(pairs, &plain)),
+                        2,
+                        &positions,
+                        &plain,
+                    )?;
                     let values = sequence_logps(logits, &targets);
                     Tensor::<1>::from_data(values.into_data(), &device)
                 };
@@ -1113,7 +1126,12 @@ pub fn run_workload(
         "gflops_per_s_effective".into(),
         json!(flops_ref / med / 1e9),
     );
-    if let Some(v) = peak_rss_mb() {
+    // The sizes read on the way count too: the high-water mark may not have caught up with them.
+    let peak = [peak_rss_mb(), rss_start, rss_setup]
+        .into_iter()
+        .flatten()
+        .reduce(f64::max);
+    if let Some(v) = peak {
         res.insert("peak_rss_mb".into(), json!(v));
     }
     if let Some(v) = rss_start {

@@ -38,6 +38,28 @@ pub fn token_logprobs(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Vec<V
         .collect()
 }
 
+/// Targets read from logits taken at their positions only
+/// ([`TrainableModel::target_logits`](resonance_models::trainable::TrainableModel::target_logits)): the
+/// positions to take per row, and the targets renumbered so that target `k` of a row reads
+/// index `k`. Every function of this module then works on those logits unchanged.
+pub type CompactTargets = (Vec<Vec<usize>>, Vec<Vec<(usize, u32)>>);
+
+/// See [`CompactTargets`].
+pub fn compact_targets(targets: &[Vec<(usize, u32)>]) -> CompactTargets {
+    targets
+        .iter()
+        .map(|row| {
+            let positions = row.iter().map(|&(position, _)| position).collect();
+            let renumbered = row
+                .iter()
+                .enumerate()
+                .map(|(k, &(_, token))| (k, token))
+                .collect();
+            (positions, renumbered)
+        })
+        .unzip()
+}
+
 /// The summed log-probability of each row's targets, `[rows]`.
 pub fn sequence_logps(logits: Tensor<3>, targets: &[Vec<(usize, u32)>]) -> Tensor<1> {
     weighted_sequence_logps(logits, targets, &[None])
@@ -86,6 +108,63 @@ pub fn weighted_sequence_logps(
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    /// The head at the target positions only gives the log-probs of the full logits, rows
+    /// with different numbers of targets (and one with none) included.
+    #[test]
+    fn logits_at_the_targets_give_the_full_logits_log_probs() {
+        use resonance_models::registry::{AnyModel, ModelInputs};
+        use resonance_models::trainable::TrainableModel;
+        let device = Device::flex();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-llama");
+        let Ok(AnyModel::Text(model, _)) = AnyModel::load(&dir, &device) else {
+            panic!("tiny-llama loads as a causal LM");
+        };
+        let ids = vec![
+            vec![1, 5, 6, 7, 8, 9],
+            vec![1, 12, 13, 14, 0, 0],
+            vec![1, 3, 4, 5, 6, 7],
+        ];
+        let mask: Vec<Vec<bool>> = ids
+            .iter()
+            .map(|r: &Vec<u32>| {
+                r.iter()
+                    .enumerate()
+                    .map(|(j, &id)| j == 0 || id != 0)
+                    .collect()
+            })
+            .collect();
+        let targets = vec![
+            vec![(2, 7), (3, 8), (4, 9)],
+            vec![(1, 13), (2, 14)],
+            Vec::new(),
+        ];
+        let inputs = ModelInputs {
+            input_ids: &ids,
+            attention_mask: &mask,
+            pixel_values: None,
+        };
+        let hidden = model.hidden_grouped(inputs, 1, &device).unwrap();
+        let full = sequence_logps(model.logits(hidden.clone()), &targets);
+        let (positions, compact) = compact_targets(&targets);
+        assert_eq!(positions, vec![vec![2, 3, 4], vec![1, 2], vec![]]);
+        assert_eq!(compact[0], vec![(0, 7), (1, 8), (2, 9)]);
+        let at = model.logits_at(hidden, &positions);
+        assert_eq!(at.dims()[..2], [3, 3]);
+        let at = sequence_logps(at, &compact);
+        let (full, at) = (
+            full.into_data().try_to_vec::<f32>().unwrap(),
+            at.into_data().try_to_vec::<f32>().unwrap(),
+        );
+        assert_eq!(at[2], 0.0);
+        for (a, b) in full.iter().zip(&at) {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "{full:?} vs {at:?}"
+            );
+        }
+        assert!(full[0] < 0.0 && full[1] < 0.0);
+    }
 
     #[test]
     fn picks_log_softmax_of_the_target() {

@@ -870,8 +870,7 @@ fn sft_step<M: TrainableModel>(
     let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
     let mut loss_sum = 0f64;
     for batch in &micro_batches {
-        let logits = sft_logits(model, context.processor, batch, device)?;
-        let loss = sft_loss(logits, &batch.targets, normalizer);
+        let loss = sft_batch_loss(model, context.processor, batch, normalizer, device)?;
         loss_sum += loss.clone().into_scalar::<f64>();
         let grads = loss.backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
@@ -988,8 +987,10 @@ fn preference_batch_loss<M: TrainableModel>(
         attention_mask: &batch.attention_mask,
         pixel_values: pixels,
     };
+    // The head runs at the answer positions only; `targets` index those logits.
+    let (positions, targets) = crate::logprobs::compact_targets(&batch.targets);
     let pixels = context.processor.pixel_values(&batch.images, device)?;
-    let policy_logits = model.forward_pairs(inputs(pixels), device)?;
+    let policy_logits = model.target_logits(inputs(pixels), 2, &positions, device)?;
     // DDPO: the token weights come from the host-side diff of each pair; the same forward
     // pass gives the plain and the weighted sums (other loss types of a list use the plain).
     let ddpo_weights = ddpo.then(|| batch.ddpo_weights());
@@ -997,8 +998,7 @@ fn preference_batch_loss<M: TrainableModel>(
         .chain(ddpo_weights.as_deref().map(Some))
         .collect();
     let mut policy_sums =
-        crate::logprobs::weighted_sequence_logps(policy_logits, &batch.targets, &weightings)
-            .into_iter();
+        crate::logprobs::weighted_sequence_logps(policy_logits, &targets, &weightings).into_iter();
     let policy = policy_sums.next().expect("the plain sums come first");
     let policy_dense = policy_sums.next();
     let rows = batch.input_ids.len();
@@ -1009,10 +1009,10 @@ fn preference_batch_loss<M: TrainableModel>(
             let plain = device.clone().inner();
             let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
                 let pixels = context.processor.pixel_values(&batch.images, &plain)?;
-                let logits = m.forward_pairs(inputs(pixels), &plain)?;
+                let logits = m.target_logits(inputs(pixels), 2, &positions, &plain)?;
                 Ok(crate::logprobs::weighted_sequence_logps(
                     logits,
-                    &batch.targets,
+                    &targets,
                     &weightings,
                 ))
             };
@@ -1159,22 +1159,28 @@ fn ranked_rewards<M: TrainableModel>(
     ))
 }
 
-/// Logits of an SFT batch, its images loaded onto `device`.
-fn sft_logits<M: TrainableModel>(
+/// The SFT loss of a batch ([`sft_loss`] over `normalizer` targets), its images loaded onto
+/// `device` and the head applied at the target positions only.
+fn sft_batch_loss<M: TrainableModel>(
     model: &M,
     processor: &Processor,
     batch: &SftBatch,
+    normalizer: f64,
     device: &Device,
-) -> Result<Tensor<3>> {
+) -> Result<Tensor<1>> {
     let pixels = processor.pixel_values(&batch.images, device)?;
-    Ok(model.forward_inputs(
+    let (positions, targets) = crate::logprobs::compact_targets(&batch.targets);
+    let logits = model.target_logits(
         ModelInputs {
             input_ids: &batch.input_ids,
             attention_mask: &batch.attention_mask,
             pixel_values: pixels,
         },
+        1,
+        &positions,
         device,
-    )?)
+    )?;
+    Ok(sft_loss(logits, &targets, normalizer))
 }
 
 /// The encodable evaluation records (refused ones are left out); none at all is an error.
@@ -1302,8 +1308,9 @@ impl EvalSet {
             EvalSet::Sft { batches, targets } => {
                 let mut sum = 0f64;
                 for batch in batches {
-                    let logits = sft_logits(&model, context.processor, batch, &device)?;
-                    sum += sft_loss(logits, &batch.targets, *targets as f64).into_scalar::<f64>();
+                    let loss =
+                        sft_batch_loss(&model, context.processor, batch, *targets as f64, &device)?;
+                    sum += loss.into_scalar::<f64>();
                 }
                 Ok(vec![("eval_loss".into(), sum)])
             }

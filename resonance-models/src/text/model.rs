@@ -348,6 +348,28 @@ impl CausalLm {
         to_dtype(logits, DType::F32)
     }
 
+    /// Logits `[b, k, vocab]` of the hidden states at `positions[r]` of each row `r` only
+    /// (`k` the longest list; shorter rows are filled with their position 0), in f32. A loss
+    /// reads a fraction of a sequence's positions (the answer tokens), and with a vocabulary of
+    /// 32–150K the head and the log-softmax over every position would be a large share of the
+    /// work and the memory of a step.
+    pub fn logits_at(&self, hidden: Tensor<3>, positions: &[Vec<usize>]) -> Tensor<3> {
+        let [b, t, h] = hidden.dims();
+        let k = positions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let index: Vec<i64> = (0..b)
+            .flat_map(|r| {
+                let row = positions.get(r).map(Vec::as_slice).unwrap_or(&[]);
+                (0..k).map(move |j| (r * t + row.get(j).copied().unwrap_or(0)) as i64)
+            })
+            .collect();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * k]), &hidden.device());
+        let picked = hidden
+            .reshape([b * t, h])
+            .select(0, index)
+            .reshape([b, k, h]);
+        self.logits(picked)
+    }
+
     /// Logits `[b, t, vocab]` from input embeddings at the default positions (after the cached
     /// tokens, if any).
     pub fn forward_embeds(
