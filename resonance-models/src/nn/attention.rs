@@ -94,11 +94,28 @@ impl MaskSpec {
         let mut any = false;
         for row in 0..batch {
             for q in 0..self.query_len {
-                for k in 0..keys {
-                    let hide = self.hidden(row, q, k, window);
-                    any |= hide;
-                    masked.push(hide);
+                if self.packed.is_some() {
+                    for k in 0..keys {
+                        let hide = self.hidden(row, q, k, window);
+                        any |= hide;
+                        masked.push(hide);
+                    }
+                    continue;
                 }
+                // Unpacked rows see a contiguous key range, less padding: filled by slices (a
+                // batch of long sequences has 10⁸ entries).
+                let q_pos = self.past_len + q;
+                let hi = if self.causal {
+                    (q_pos + 1).min(keys)
+                } else {
+                    keys
+                };
+                let lo = window.map_or(0, |w| (q_pos + 1).saturating_sub(w)).min(hi);
+                let valid = &self.key_valid[row][lo..hi];
+                any |= lo > 0 || hi < keys || valid.contains(&false);
+                masked.extend(std::iter::repeat_n(true, lo));
+                masked.extend(valid.iter().map(|&v| !v));
+                masked.extend(std::iter::repeat_n(true, keys - hi));
             }
         }
         if !any {
@@ -264,6 +281,41 @@ impl KvCache {
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    /// The sliced fill of unpacked rows gives the per-entry rule: causal with cached tokens,
+    /// sliding windows, padding on both sides, and bidirectional.
+    #[test]
+    fn mask_rows_follow_the_per_entry_rule() {
+        let device = Device::flex();
+        let mut valid = vec![vec![true; 9], vec![true; 9]];
+        valid[0][0] = false;
+        valid[0][1] = false;
+        valid[1][8] = false;
+        for (past_len, query_len, causal) in
+            [(0, 9, true), (4, 5, true), (8, 1, true), (0, 9, false)]
+        {
+            for window in [None, Some(1), Some(3), Some(20)] {
+                let mut spec = MaskSpec::causal(valid.clone(), past_len, query_len);
+                spec.causal = causal;
+                let expected: Vec<bool> = (0..2)
+                    .flat_map(|row| {
+                        let spec = &spec;
+                        (0..query_len)
+                            .flat_map(move |q| (0..9).map(move |k| spec.hidden(row, q, k, window)))
+                    })
+                    .collect();
+                let built = spec.build(1, window, &device);
+                let got: Vec<bool> = match built {
+                    Some(mask) => mask.into_data().try_to_vec::<bool>().expect("bool data"),
+                    None => vec![false; expected.len()],
+                };
+                assert_eq!(
+                    got, expected,
+                    "past {past_len}, causal {causal}, window {window:?}"
+                );
+            }
+        }
+    }
 
     /// Appends across the first buffer's room (a prefill, then single tokens and a chunk) give
     /// what concatenating every step would.
