@@ -58,7 +58,9 @@ impl MaskSpec {
         }
     }
 
-    /// Whether query `q` of `row` may not see key `k`.
+    /// Whether query `q` of `row` may not see key `k`: the rule [`MaskSpec::build`] fills
+    /// rows by (kept as the reference its tests compare with).
+    #[cfg(test)]
     fn hidden(&self, row: usize, q: usize, k: usize, window: Option<usize>) -> bool {
         if !self.key_valid[row][k] {
             return true;
@@ -94,12 +96,19 @@ impl MaskSpec {
         let mut any = false;
         for row in 0..batch {
             for q in 0..self.query_len {
-                if self.packed.is_some() {
-                    for k in 0..keys {
-                        let hide = self.hidden(row, q, k, window);
-                        any |= hide;
-                        masked.push(hide);
-                    }
+                if let Some(layout) = &self.packed {
+                    // The rule of `hidden`, with the row's slices taken once per query.
+                    let (valid, segments) = (&self.key_valid[row], &layout.segments[row]);
+                    let positions = &layout.positions[row];
+                    let (segment, position) = (segments[q], positions[q]);
+                    let start = masked.len();
+                    masked.extend((0..keys).map(|k| {
+                        let other_segment = segments[k] != 0 && segments[k] != segment;
+                        let outside = (self.causal && positions[k] > position)
+                            || window.is_some_and(|w| position >= positions[k] + w);
+                        !valid[k] || other_segment || outside
+                    }));
+                    any |= masked[start..].contains(&true);
                     continue;
                 }
                 // Unpacked rows see a contiguous key range, less padding: filled by slices (a
@@ -314,6 +323,28 @@ mod tests {
                     "past {past_len}, causal {causal}, window {window:?}"
                 );
             }
+        }
+        // Packed rows: a prefix of 3, copies of 2 and 3 tokens (positions restart after the
+        // prefix), one padding key.
+        let layout = PackedLayout {
+            positions: vec![vec![0, 1, 2, 3, 4, 3, 4, 5, 0]],
+            segments: vec![vec![0, 0, 0, 1, 1, 2, 2, 2, 0]],
+        };
+        let mut valid = vec![vec![true; 9]];
+        valid[0][8] = false;
+        for window in [None, Some(2)] {
+            let spec = MaskSpec::packed(valid.clone(), layout.clone());
+            let expected: Vec<bool> = (0..9)
+                .flat_map(|q| (0..9).map(move |k| (q, k)))
+                .map(|(q, k)| spec.hidden(0, q, k, window))
+                .collect();
+            let got = spec
+                .build(1, window, &device)
+                .expect("a packed mask hides keys")
+                .into_data()
+                .try_to_vec::<bool>()
+                .expect("bool data");
+            assert_eq!(got, expected, "packed, window {window:?}");
         }
     }
 
