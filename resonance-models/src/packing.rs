@@ -11,8 +11,8 @@
 //! so losses, log-probabilities and value heads read them as before; under autodiff the gather's
 //! backward pass sums the gradients the copies send to their shared prefix.
 //!
-//! On the benchmark's DPO pairs (288 shared tokens: image and prompt; 225 per answer) a row pair
-//! of 2 × 513 positions becomes one row of 738.
+//! On the benchmark's DPO pairs (288 shared tokens: BOS, image and prompt; 224 per answer) a
+//! row pair of 2 × 512 positions becomes one row of 736.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 

@@ -115,15 +115,8 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
             .logits(self.hidden_grouped(inputs, 1, device)?))
     }
 
-    /// Logits of a preference batch: rows `0..n` are the chosen sequences of `n` pairs, rows
-    /// `n..2n` the rejected ones, and `pixel_values` holds the images of the `n` pairs once.
-    fn forward_pairs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
-        Ok(self
-            .decoder()
-            .logits(self.hidden_grouped(inputs, 2, device)?))
-    }
-
-    /// Logits `[b, k, vocab]` of a grouped batch (see [`TrainableModel::hidden_grouped`]) at
+    /// Logits `[b, k, vocab]` of a grouped batch (see [`TrainableModel::hidden_grouped`]; a
+    /// preference batch is `copies` = 2, its chosen rows then its rejected rows) at
     /// `positions[r]` of each row only ([`CausalLm::logits_at`]): what a loss over answer tokens
     /// needs, without the head's work and memory at every other position.
     fn target_logits(

@@ -6,11 +6,12 @@
 //! the step-0 numbers (losses, log-probs, greedy ids) must agree and the times compare the same
 //! work. Each workload runs through the code paths `resonance train` / `score` / `generate` use:
 //!
-//! * `sft`: [`TrainableModel::forward_inputs`] → [`sft_loss`] → `backward` →
+//! * `sft`: [`TrainableModel::target_logits`] → [`sft_loss`] → `backward` →
 //!   [`GradientsParams::from_grads`] → the trainer's AdamW ([`build_optimizer`]); the vision tower
 //!   frozen through [`prepare_params`];
 //! * `dpo`: LoRA attached by the trainer's [`attach_lora`], the policy's
-//!   [`TrainableModel::forward_pairs`] (each image encoded once for chosen and rejected), the
+//!   [`TrainableModel::target_logits`] over the pairs (each image encoded once for chosen and
+//!   rejected, their shared prefix run once), the
 //!   reference = the same model under [`AdaptersDisabled`] without gradients, [`pair_loss`];
 //! * `generate_*`: [`generate`] (one sequence, `resonance generate`'s path) for batch 1 and
 //!   [`generate_greedy_batch`] (all rows in one KV-cached decode) for larger batches;
@@ -585,7 +586,7 @@ fn analytic_flops(
             let head = if own { n * completion } else { n * (seq - 1) };
             let images = if own { pairs } else { n };
             // Own: one decoder row per pair, the image and prompt once, then both answers
-            // (shared-prefix packing; the LM head still projects every position of both rows).
+            // (shared-prefix packing; the LM head projects the completion positions of both).
             let shared = image_tokens + w.prompt_text_tokens;
             let (rows, row_len) = if own {
                 (pairs, shared + 2 * (seq - shared))
@@ -812,8 +813,9 @@ pub fn run_workload(
             let lr = experiment.optim.lr;
             notes.push(
                 "trainer path: TrainableModel::target_logits (the LM head at the completion \
-                 positions), sft_loss (mean NLL of the completion tokens), backward, GradientsParams::from_grads, the trainer's AdamW \
-                 (build_optimizer); no gradient clipping (as reference.py)"
+                 positions), sft_loss (mean NLL of the completion tokens), backward, \
+                 GradientsParams::from_grads, the trainer's AdamW (build_optimizer); no gradient \
+                 clipping (as reference.py)"
                     .into(),
             );
             let tokens = b * ids[0].len();
@@ -911,12 +913,12 @@ pub fn run_workload(
                 .map_or(tokens, |p| p.packed_positions());
             extra.insert("decoder_positions_per_forward".into(), json!(packed));
             notes.push(format!(
-                "trainer path: target_logits over the pairs (each of the {pairs} images encoded once for its \
-                 chosen and rejected rows; the tokens a pair's rows share run once: {packed} \
-                 decoder positions per forward for {tokens} sequence positions) for the policy, \
-                 and again for the reference (adapters disabled, no autodiff), the LM head at \
-                 the completion positions: {} image encodings per step; sequence_logps, dpo::pair_loss, backward, the trainer's \
-                 AdamW",
+                "trainer path: target_logits over the pairs (each of the {pairs} images encoded \
+                 once for its chosen and rejected rows; the tokens a pair's rows share run once: \
+                 {packed} decoder positions per forward for {tokens} sequence positions) for the \
+                 policy, and again for the reference (adapters disabled, no autodiff), the LM \
+                 head at the completion positions: {} image encodings per step; sequence_logps, \
+                 dpo::pair_loss, backward, the trainer's AdamW",
                 2 * pairs
             ));
             let mut model = Some(model);

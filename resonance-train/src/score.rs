@@ -334,11 +334,13 @@ pub fn pair_reference_logps(
             attention_mask: &batch.attention_mask,
             pixel_values,
         };
+        // The trainer's reference path: the head at the answer positions only.
+        let (positions, targets) = crate::logprobs::compact_targets(&batch.targets);
         let logits = match model {
-            AnyModel::Text(m, _) => m.forward_pairs(inputs, device)?,
-            AnyModel::Llava(m, _) => m.forward_pairs(inputs, device)?,
+            AnyModel::Text(m, _) => m.target_logits(inputs, 2, &positions, device)?,
+            AnyModel::Llava(m, _) => m.target_logits(inputs, 2, &positions, device)?,
         };
-        let values: Vec<f32> = crate::logprobs::sequence_logps(logits, &batch.targets)
+        let values: Vec<f32> = crate::logprobs::sequence_logps(logits, &targets)
             .into_data()
             .try_into_vec::<f32>()
             .map_err(|e| TrainError::Input(format!("reading log-probs: {e:?}")))?;
