@@ -164,6 +164,70 @@ impl SharedPrefixPacking {
             .select(0, index)
             .reshape([self.grouped_rows, self.grouped_width, hidden])
     }
+
+    /// Where the wanted outputs `outputs[r]` of the grouped rows lie in the packed rows: each
+    /// packed row lists its copies' positions one copy after the other (a shared-prefix
+    /// position wanted by several copies is listed once per copy).
+    pub fn pack_outputs(&self, outputs: &[Vec<usize>]) -> PackedOutputs {
+        let n = self.input_ids.len();
+        let packed_width = self.input_ids.first().map_or(0, Vec::len);
+        let mut positions: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut starts = vec![0usize; self.grouped_rows];
+        for (r, start) in starts.iter_mut().enumerate() {
+            let i = r % n;
+            *start = positions[i].len();
+            let wanted = outputs.get(r).map(Vec::as_slice).unwrap_or(&[]);
+            positions[i].extend(wanted.iter().map(|&j| {
+                self.unpack_index[r * self.grouped_width + j] as usize - i * packed_width
+            }));
+        }
+        let packed_k = positions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let k = outputs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let regroup_index = (0..self.grouped_rows)
+            .flat_map(|r| {
+                let (i, start) = (r % n, starts[r]);
+                let len = outputs.get(r).map_or(0, Vec::len);
+                (0..k).map(move |j| (i * packed_k + start + if j < len { j } else { 0 }) as i64)
+            })
+            .collect();
+        PackedOutputs {
+            positions,
+            regroup_index,
+            rows: self.grouped_rows,
+            k,
+        }
+    }
+}
+
+/// Wanted outputs of grouped rows, located in their packed rows
+/// ([`SharedPrefixPacking::pack_outputs`]).
+#[derive(Debug, Clone)]
+pub struct PackedOutputs {
+    /// Per packed row, the positions whose outputs to compute.
+    pub positions: Vec<Vec<usize>>,
+    /// For every output of the grouped layout (`rows × k`, row-major), its index among the
+    /// packed outputs (`n × packed k`, row-major). Padding entries take their row's first.
+    regroup_index: Vec<i64>,
+    rows: usize,
+    k: usize,
+}
+
+impl PackedOutputs {
+    /// The packed rows' outputs `[n, packed k, hidden]` → the grouped layout `[rows, k, hidden]`,
+    /// as [`select_rows`](crate::text::model::select_rows) would take them from unpacked rows
+    /// (its padding entries aside: they hold another output of their row).
+    pub fn regroup(&self, packed: Tensor<3>) -> Tensor<3> {
+        let [n, packed_k, hidden] = packed.dims();
+        let device: Device = packed.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(self.regroup_index.clone(), [self.regroup_index.len()]),
+            &device,
+        );
+        packed
+            .reshape([n * packed_k, hidden])
+            .select(0, index)
+            .reshape([self.rows, self.k, hidden])
+    }
 }
 
 #[cfg(test)]

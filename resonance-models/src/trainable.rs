@@ -52,11 +52,14 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     /// (the chosen and rejected answers of a pair, or the candidates of a ranked list); the
     /// tokens an example's copies share at their start are run once when that saves work
     /// ([`SharedPrefixPacking`]). Positions past a row's last real token hold no meaningful
-    /// state.
+    /// state. With `outputs`, only the states at `outputs[r]` of each row, `[b, k, hidden]` as
+    /// [`select_rows`](crate::text::model::select_rows) takes them, and the last decoder layer runs at those positions only
+    /// ([`DecoderInputs::outputs`]).
     fn hidden_grouped(
         &self,
         inputs: ModelInputs,
         copies: usize,
+        outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         let packing = SharedPrefixPacking::plan(
@@ -65,28 +68,35 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
             copies,
             self.image_token_id(),
         );
-        match packing {
-            Some(packing) => {
-                let packed = ModelInputs {
-                    input_ids: &packing.input_ids,
-                    attention_mask: &packing.attention_mask,
-                    pixel_values: inputs.pixel_values,
-                };
-                let hidden = self.hidden_rows(packed, 1, Some(&packing.layout), device)?;
-                Ok(packing.unpack(hidden))
+        let Some(packing) = packing else {
+            return self.hidden_rows(inputs, copies, None, outputs, device);
+        };
+        let packed = ModelInputs {
+            input_ids: &packing.input_ids,
+            attention_mask: &packing.attention_mask,
+            pixel_values: inputs.pixel_values,
+        };
+        let layout = Some(&packing.layout);
+        match outputs {
+            Some(outputs) => {
+                let plan = packing.pack_outputs(outputs);
+                let hidden = self.hidden_rows(packed, 1, layout, Some(&plan.positions), device)?;
+                Ok(plan.regroup(hidden))
             }
-            None => self.hidden_rows(inputs, copies, None, device),
+            None => Ok(packing.unpack(self.hidden_rows(packed, 1, layout, None, device)?)),
         }
     }
 
     /// Final hidden states of the rows as they are: `copies` groups as in
     /// [`TrainableModel::hidden_grouped`] without packing, or, with a `packed` layout, packed
-    /// rows (one per example, `copies` = 1) at the layout's positions and segments.
+    /// rows (one per example, `copies` = 1) at the layout's positions and segments; with
+    /// `outputs`, at those positions of each row only.
     fn hidden_rows(
         &self,
         inputs: ModelInputs,
         copies: usize,
         packed: Option<&PackedLayout>,
+        outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>>;
 
@@ -112,13 +122,14 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     fn forward_inputs(&self, inputs: ModelInputs, device: &Device) -> Result<Tensor<3>> {
         Ok(self
             .decoder()
-            .logits(self.hidden_grouped(inputs, 1, device)?))
+            .logits(self.hidden_grouped(inputs, 1, None, device)?))
     }
 
     /// Logits `[b, k, vocab]` of a grouped batch (see [`TrainableModel::hidden_grouped`]; a
     /// preference batch is `copies` = 2, its chosen rows then its rejected rows) at
-    /// `positions[r]` of each row only ([`CausalLm::logits_at`]): what a loss over answer tokens
-    /// needs, without the head's work and memory at every other position.
+    /// `positions[r]` of each row only (as [`CausalLm::logits_at`] takes them): what a loss over
+    /// answer tokens needs, without the last decoder layer's and the head's work and memory at
+    /// every other position.
     fn target_logits(
         &self,
         inputs: ModelInputs,
@@ -126,8 +137,8 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
         positions: &[Vec<usize>],
         device: &Device,
     ) -> Result<Tensor<3>> {
-        let hidden = self.hidden_grouped(inputs, copies, device)?;
-        Ok(self.decoder().logits_at(hidden, positions))
+        let hidden = self.hidden_grouped(inputs, copies, Some(positions), device)?;
+        Ok(self.decoder().logits(hidden))
     }
 
     /// Per-token values `[b, t]` of the value head on a grouped batch (see
@@ -138,7 +149,7 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
         copies: usize,
         device: &Device,
     ) -> Result<Tensor<2>> {
-        let hidden = self.hidden_grouped(inputs, copies, device)?;
+        let hidden = self.hidden_grouped(inputs, copies, None, device)?;
         self.decoder()
             .values(hidden)
             .ok_or_else(|| ModelError::Input("the model has no value head (`score`)".into()))
@@ -157,11 +168,13 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
 fn decoder_inputs<'a>(
     attention_mask: &'a [Vec<bool>],
     packed: Option<&'a PackedLayout>,
+    outputs: Option<&'a [Vec<usize>]>,
 ) -> DecoderInputs<'a> {
     DecoderInputs {
         attention_mask,
         positions: packed.map(|layout| layout.positions.as_slice()),
         segments: packed.map(|layout| layout.segments.as_slice()),
+        outputs,
     }
 }
 
@@ -198,6 +211,7 @@ impl TrainableModel for CausalLm {
         inputs: ModelInputs,
         _copies: usize,
         packed: Option<&PackedLayout>,
+        outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         if inputs.pixel_values.is_some() {
@@ -206,7 +220,8 @@ impl TrainableModel for CausalLm {
             ));
         }
         let embeds = self.embed(inputs.input_ids, device);
-        Ok(self.hidden_states(embeds, &decoder_inputs(inputs.attention_mask, packed), None))
+        let inputs = decoder_inputs(inputs.attention_mask, packed, outputs);
+        Ok(self.hidden_states(embeds, &inputs, None))
     }
 
     fn image_token_id(&self) -> Option<u32> {
@@ -264,6 +279,7 @@ impl TrainableModel for Llava {
         inputs: ModelInputs,
         copies: usize,
         packed: Option<&PackedLayout>,
+        outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         let features = inputs.pixel_values.map(|pixels| {
@@ -271,11 +287,8 @@ impl TrainableModel for Llava {
             Tensor::cat(vec![once; copies.max(1)], 0)
         });
         let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
-        Ok(self.language_model.hidden_states(
-            embeds,
-            &decoder_inputs(inputs.attention_mask, packed),
-            None,
-        ))
+        let inputs = decoder_inputs(inputs.attention_mask, packed, outputs);
+        Ok(self.language_model.hidden_states(embeds, &inputs, None))
     }
 
     fn image_token_id(&self) -> Option<u32> {

@@ -1,12 +1,14 @@
 //! Shared-prefix packing gives the hidden states (and gradients) of the rows it packs: LLaVA
 //! with its image in the shared prefix, Mistral with a sliding window shorter than the prefix,
-//! and Llama under autodiff.
+//! and Llama under autodiff; and the last decoder layer run at wanted outputs only, packed or
+//! not.
 
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use resonance_models::packing::SharedPrefixPacking;
 use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::text::model::select_rows;
 use resonance_models::trainable::TrainableModel;
 
 /// `copies` groups of right-padded rows: example `i`'s copy `g` is `prefixes[i]` followed by
@@ -62,7 +64,8 @@ fn max_diff_on_tokens(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> f32 {
     worst
 }
 
-/// The packed forward against the rows as they are, and the packing actually taken.
+/// The packed forward against the rows as they are, and the packing actually taken; the same
+/// with outputs wanted at some positions only.
 fn compare<M: TrainableModel>(
     model: &M,
     ids: &[Vec<u32>],
@@ -80,13 +83,40 @@ fn compare<M: TrainableModel>(
         pixel_values,
     };
     let packed = model
-        .hidden_grouped(inputs(pixels.clone()), copies, device)
+        .hidden_grouped(inputs(pixels.clone()), copies, None, device)
         .expect("packed forward");
     let rows = model
-        .hidden_rows(inputs(pixels), copies, None, device)
+        .hidden_rows(inputs(pixels.clone()), copies, None, None, device)
         .expect("forward of the rows");
     assert_eq!(packed.dims(), rows.dims());
-    max_diff_on_tokens(packed, rows, mask)
+    let mut worst = max_diff_on_tokens(packed, rows.clone(), mask);
+
+    // Outputs at some real tokens of each row (a different number per row, shared-prefix
+    // positions among them): the last layer run at those positions only, packed and not,
+    // against the full states taken there.
+    let outputs: Vec<Vec<usize>> = mask
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let real = row.iter().filter(|&&m| m).count();
+            (0..real).filter(|j| (j + r) % 3 == 0).collect()
+        })
+        .collect();
+    let expected = select_rows(rows, &outputs);
+    let wanted: Vec<Vec<bool>> = outputs
+        .iter()
+        .map(|row| (0..expected.dims()[1]).map(|j| j < row.len()).collect())
+        .collect();
+    let packed_at = model
+        .hidden_grouped(inputs(pixels.clone()), copies, Some(&outputs), device)
+        .expect("packed forward at the outputs");
+    let rows_at = model
+        .hidden_rows(inputs(pixels), copies, None, Some(&outputs), device)
+        .expect("forward of the rows at the outputs");
+    assert_eq!(packed_at.dims(), expected.dims());
+    assert_eq!(rows_at.dims(), expected.dims());
+    worst = worst.max(max_diff_on_tokens(packed_at, expected.clone(), &wanted));
+    worst.max(max_diff_on_tokens(rows_at, expected, &wanted))
 }
 
 /// Two LLaVA pairs whose image and prompt are shared (pair 0's answers share their first two
@@ -206,8 +236,8 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
         );
         (q, embed)
     };
-    let packed = grads_of(model.hidden_grouped(inputs(), 2, &device).unwrap());
-    let rows = grads_of(model.hidden_rows(inputs(), 2, None, &device).unwrap());
+    let packed = grads_of(model.hidden_grouped(inputs(), 2, None, &device).unwrap());
+    let rows = grads_of(model.hidden_rows(inputs(), 2, None, None, &device).unwrap());
     for (name, a, b) in [
         ("q_proj", &packed.0, &rows.0),
         ("embed_tokens", &packed.1, &rows.1),
@@ -219,5 +249,93 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
             diff <= 1e-5 * scale.max(1.0),
             "{name}: {diff} (scale {scale})"
         );
+    }
+}
+
+/// Outputs wanted at some positions only (the last layer run there alone), packed or not, give
+/// the gradients the full forward gives when the loss reads those positions.
+#[test]
+fn outputs_at_some_positions_give_the_full_gradients() {
+    let device = Device::flex().autodiff();
+    device.seed(13);
+    let model = match AnyModel::load(&common::fixtures().join("tiny-llama"), &device) {
+        Ok(AnyModel::Text(m, _)) => *m,
+        other => panic!("tiny-llama should load as a causal LM: {:?}", other.err()),
+    };
+    let prefixes = [vec![1, 5, 6, 7, 8, 9, 10], vec![1, 12, 13, 14, 15, 16, 17]];
+    let answers = [
+        vec![vec![20, 21, 22], vec![30, 31]],
+        vec![vec![20, 26], vec![33, 34, 35, 36]],
+    ];
+    let (ids, mask) = grouped_rows(&prefixes, &answers);
+    // The answer tokens' predecessors, as a loss over the answers reads them.
+    let outputs: Vec<Vec<usize>> = mask
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let real = row.iter().filter(|&&m| m).count();
+            (prefixes[r % 2].len() - 1..real - 1).collect()
+        })
+        .collect();
+    let k = outputs.iter().map(Vec::len).max().unwrap_or(1);
+    let hidden_size = model.model.norm.gamma.dims()[0];
+    let wanted: Vec<f32> = outputs
+        .iter()
+        .flat_map(|row| (0..k).map(move |j| f32::from(u8::from(j < row.len()))))
+        .collect();
+    let wanted = Tensor::<3>::from_data(TensorData::new(wanted, [ids.len(), k, 1]), &device);
+    let weights = Tensor::<3>::random(
+        [ids.len(), k, hidden_size],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ) * wanted;
+    let inputs = || ModelInputs {
+        input_ids: &ids,
+        attention_mask: &mask,
+        pixel_values: None,
+    };
+    let grads_of = |hidden: Tensor<3>| {
+        let grads = (hidden * weights.clone()).sum().backward();
+        let last = model.model.layers.last().expect("layers");
+        [
+            last.self_attn.q_proj.weight.val(),
+            last.self_attn.k_proj.weight.val(),
+            last.mlp.down_proj.weight.val(),
+            model.model.layers[0].self_attn.v_proj.weight.val(),
+            model.model.embed_tokens.weight.val(),
+        ]
+        .map(|w| values(w.grad(&grads).expect("tracked")))
+    };
+    let full = grads_of(select_rows(
+        model.hidden_rows(inputs(), 2, None, None, &device).unwrap(),
+        &outputs,
+    ));
+    let at_rows = grads_of(
+        model
+            .hidden_rows(inputs(), 2, None, Some(&outputs), &device)
+            .unwrap(),
+    );
+    let packed = grads_of(
+        model
+            .hidden_grouped(inputs(), 2, Some(&outputs), &device)
+            .unwrap(),
+    );
+    let names = [
+        "last q_proj",
+        "last k_proj",
+        "last down_proj",
+        "first v_proj",
+        "embed",
+    ];
+    for (got, path) in [(&at_rows, "rows"), (&packed, "packed")] {
+        for ((name, a), b) in names.iter().zip(got).zip(&full) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(scale > 0.0, "{name}: no gradient");
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{path} {name}: {diff} (scale {scale})"
+            );
+        }
     }
 }

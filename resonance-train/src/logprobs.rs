@@ -144,7 +144,7 @@ mod tests {
             attention_mask: &mask,
             pixel_values: None,
         };
-        let hidden = model.hidden_grouped(inputs, 1, &device).unwrap();
+        let hidden = model.hidden_grouped(inputs, 1, None, &device).unwrap();
         let full = sequence_logps(model.logits(hidden.clone()), &targets);
         let (positions, compact) = compact_targets(&targets);
         assert_eq!(positions, vec![vec![2, 3, 4], vec![1, 2], vec![]]);

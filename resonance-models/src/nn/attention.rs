@@ -90,12 +90,32 @@ impl MaskSpec {
         window: Option<usize>,
         device: &Device,
     ) -> Option<Tensor<4, Bool>> {
+        let all: Vec<usize> = (0..self.query_len).collect();
+        let queries = vec![all; self.key_valid.len()];
+        self.build_queries(heads, window, &queries, device)
+    }
+
+    /// The rows of [`MaskSpec::build`]'s mask for the queries `queries[b]` of each row `b` only
+    /// (indices among this spec's queries, the same count in every row): `[batch, heads,
+    /// queries[b].len(), k]`.
+    pub fn build_queries(
+        &self,
+        heads: usize,
+        window: Option<usize>,
+        queries: &[Vec<usize>],
+        device: &Device,
+    ) -> Option<Tensor<4, Bool>> {
         let batch = self.key_valid.len();
         let keys = self.key_valid.first().map(Vec::len).unwrap_or(0);
-        let mut masked = Vec::with_capacity(batch * self.query_len * keys);
+        let query_len = queries.first().map(Vec::len).unwrap_or(0);
+        assert!(
+            queries.len() == batch && queries.iter().all(|q| q.len() == query_len),
+            "one query list per row, all of one length"
+        );
+        let mut masked = Vec::with_capacity(batch * query_len * keys);
         let mut any = false;
-        for row in 0..batch {
-            for q in 0..self.query_len {
+        for (row, row_queries) in queries.iter().enumerate() {
+            for &q in row_queries {
                 if let Some(layout) = &self.packed {
                     // The rule of `hidden`, with the row's slices taken once per query.
                     let (valid, segments) = (&self.key_valid[row], &layout.segments[row]);
@@ -130,13 +150,11 @@ impl MaskSpec {
         if !any {
             return None;
         }
-        let mask = Tensor::<3, Bool>::from_data(
-            TensorData::new(masked, [batch, self.query_len, keys]),
-            device,
-        );
+        let mask =
+            Tensor::<3, Bool>::from_data(TensorData::new(masked, [batch, query_len, keys]), device);
         Some(
             mask.unsqueeze_dim::<4>(1)
-                .expand([batch, heads, self.query_len, keys]),
+                .expand([batch, heads, query_len, keys]),
         )
     }
 }
@@ -300,6 +318,7 @@ mod tests {
         valid[0][0] = false;
         valid[0][1] = false;
         valid[1][8] = false;
+        let valid_unpacked = valid.clone();
         for (past_len, query_len, causal) in
             [(0, 9, true), (4, 5, true), (8, 1, true), (0, 9, false)]
         {
@@ -345,6 +364,40 @@ mod tests {
                 .try_to_vec::<bool>()
                 .expect("bool data");
             assert_eq!(got, expected, "packed, window {window:?}");
+            // A subset of the queries, repeated and out of order, gives those rows.
+            let queries = [7, 3, 3, 0, 8];
+            let expected: Vec<bool> = queries
+                .iter()
+                .flat_map(|&q| (0..9).map(move |k| (q, k)))
+                .map(|(q, k)| spec.hidden(0, q, k, window))
+                .collect();
+            let got = spec
+                .build_queries(1, window, &[queries.to_vec()], &device)
+                .expect("a packed mask hides keys")
+                .into_data()
+                .try_to_vec::<bool>()
+                .expect("bool data");
+            assert_eq!(got, expected, "packed queries, window {window:?}");
+        }
+        // Unpacked rows: each row its own queries.
+        let spec = MaskSpec::causal(valid_unpacked.clone(), 0, 9);
+        let queries = vec![vec![8, 2, 5], vec![0, 0, 7]];
+        for window in [None, Some(3)] {
+            let expected: Vec<bool> = (0..2)
+                .flat_map(|row| {
+                    let (spec, queries) = (&spec, &queries);
+                    queries[row]
+                        .iter()
+                        .flat_map(move |&q| (0..9).map(move |k| spec.hidden(row, q, k, window)))
+                })
+                .collect();
+            let got = spec
+                .build_queries(1, window, &queries, &device)
+                .expect("a causal mask hides keys")
+                .into_data()
+                .try_to_vec::<bool>()
+                .expect("bool data");
+            assert_eq!(got, expected, "unpacked queries, window {window:?}");
         }
     }
 

@@ -92,6 +92,33 @@ fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
     Linear::new(d_in, d_out, bias, device)
 }
 
+/// `x[r, positions[r][j]]` as `[b, k, hidden]` (`k` the longest list; shorter rows are filled
+/// with their position 0).
+pub fn select_rows(x: Tensor<3>, positions: &[Vec<usize>]) -> Tensor<3> {
+    let [b, t, h] = x.dims();
+    let positions = padded_positions(positions, b);
+    let k = positions[0].len();
+    let index: Vec<i64> = positions
+        .iter()
+        .enumerate()
+        .flat_map(|(r, row)| row.iter().map(move |&j| (r * t + j) as i64))
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * k]), &x.device());
+    x.reshape([b * t, h]).select(0, index).reshape([b, k, h])
+}
+
+/// `positions` for `rows` rows, each padded with position 0 to the longest list (at least 1).
+fn padded_positions(positions: &[Vec<usize>], rows: usize) -> Vec<Vec<usize>> {
+    let k = positions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    (0..rows)
+        .map(|r| {
+            let mut row = positions.get(r).cloned().unwrap_or_default();
+            row.resize(k, 0);
+            row
+        })
+        .collect()
+}
+
 impl DecoderAttention {
     fn new(config: &TextConfig, device: &Device) -> Self {
         let h = config.hidden_size;
@@ -121,11 +148,39 @@ impl DecoderAttention {
         mask: Option<burn::tensor::Tensor<4, burn::tensor::Bool>>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
-        let [b, t, _] = x.dims();
         let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let q = apply_rotary(q, &rope.0, &rope.1);
+        self.attend(q, x, rope, mask, cache)
+    }
+
+    /// Attention of the queries `x_queries` `[b, q, hidden]` (rotated by `rope_queries`) over
+    /// the keys and values of `x` `[b, t, hidden]`: the last decoder layer when only some
+    /// positions' outputs are wanted. Returns `[b, q, hidden]`.
+    pub fn forward_queries(
+        &self,
+        x_queries: Tensor<3>,
+        rope_queries: &(Tensor<3>, Tensor<3>),
+        x: Tensor<3>,
+        rope: &(Tensor<3>, Tensor<3>),
+        mask: Option<burn::tensor::Tensor<4, burn::tensor::Bool>>,
+    ) -> Tensor<3> {
+        let q = self.heads(self.q_proj.forward(x_queries), self.num_heads);
+        let q = apply_rotary(q, &rope_queries.0, &rope_queries.1);
+        self.attend(q, x, rope, mask, None)
+    }
+
+    /// Rotated queries `[b, heads, q, head_dim]` attending over the keys and values of `x`.
+    fn attend(
+        &self,
+        q: Tensor<4>,
+        x: Tensor<3>,
+        rope: &(Tensor<3>, Tensor<3>),
+        mask: Option<burn::tensor::Tensor<4, burn::tensor::Bool>>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
+        let [b, _, queries, _] = q.dims();
         let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
-        let q = apply_rotary(q, &rope.0, &rope.1);
         let k = apply_rotary(k, &rope.0, &rope.1);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
@@ -141,7 +196,7 @@ impl DecoderAttention {
         );
         let out = out
             .swap_dims(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
+            .reshape([b, queries, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -178,6 +233,12 @@ pub struct DecoderInputs<'a> {
     /// Segments of packed rows (see [`crate::packing`]), with `positions` given and no cache:
     /// a token attends to its own segment and to segment 0, the prefix the segments share.
     pub segments: Option<&'a [Vec<u32>]>,
+    /// Token indices per row (no cache) whose final hidden states are wanted, `None` for every
+    /// token; the states come back as `[b, k, hidden]` in [`select_rows`]'s layout (`k` the
+    /// longest list). A causal decoder's last layer then runs its queries, attention output and
+    /// MLP at those positions only: a loss over answer tokens reads a fraction of a sequence
+    /// that also holds an image and a prompt.
+    pub outputs: Option<&'a [Vec<usize>]>,
 }
 
 impl CausalLm {
@@ -314,9 +375,16 @@ impl CausalLm {
             }
         }
         let rope = self.rope.tables(&positions, &device);
+        let full_layers = match inputs.outputs {
+            Some(_) => {
+                assert!(cache.is_none(), "selected outputs take no cache");
+                self.model.layers.len().saturating_sub(1)
+            }
+            None => self.model.layers.len(),
+        };
 
         let mut x = embeds;
-        for (i, layer) in self.model.layers.iter().enumerate() {
+        for (i, layer) in self.model.layers[..full_layers].iter().enumerate() {
             let mask = masks
                 .iter()
                 .find(|(w, _)| *w == layer.window)
@@ -331,6 +399,35 @@ impl CausalLm {
                 .mlp
                 .forward(rms_norm(&layer.post_attention_layernorm, x_mid.clone()));
             x = x_mid + h;
+        }
+        if let Some(outputs) = inputs.outputs {
+            let outputs = &padded_positions(outputs, b);
+            let picked = |x: Tensor<3>| select_rows(x, outputs);
+            x = match self.model.layers.last() {
+                Some(layer) => {
+                    let mask = spec.build_queries(heads, layer.window, outputs, &device);
+                    let query_positions: Vec<Vec<usize>> = outputs
+                        .iter()
+                        .zip(&positions)
+                        .map(|(row, p)| row.iter().map(|&j| p[j]).collect())
+                        .collect();
+                    let rope_queries = self.rope.tables(&query_positions, &device);
+                    let h = rms_norm(&layer.input_layernorm, x.clone());
+                    let h = layer.self_attn.forward_queries(
+                        picked(h.clone()),
+                        &rope_queries,
+                        h,
+                        &rope,
+                        mask,
+                    );
+                    let x_mid = picked(x) + h;
+                    let h = layer
+                        .mlp
+                        .forward(rms_norm(&layer.post_attention_layernorm, x_mid.clone()));
+                    x_mid + h
+                }
+                None => picked(x),
+            };
         }
         rms_norm(&self.model.norm, x)
     }
@@ -354,20 +451,7 @@ impl CausalLm {
     /// 32–150K the head and the log-softmax over every position would be a large share of the
     /// work and the memory of a step.
     pub fn logits_at(&self, hidden: Tensor<3>, positions: &[Vec<usize>]) -> Tensor<3> {
-        let [b, t, h] = hidden.dims();
-        let k = positions.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let index: Vec<i64> = (0..b)
-            .flat_map(|r| {
-                let row = positions.get(r).map(Vec::as_slice).unwrap_or(&[]);
-                (0..k).map(move |j| (r * t + row.get(j).copied().unwrap_or(0)) as i64)
-            })
-            .collect();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * k]), &hidden.device());
-        let picked = hidden
-            .reshape([b * t, h])
-            .select(0, index)
-            .reshape([b, k, h]);
-        self.logits(picked)
+        self.logits(select_rows(hidden, positions))
     }
 
     /// Logits `[b, t, vocab]` from input embeddings at the default positions (after the cached
@@ -382,6 +466,7 @@ impl CausalLm {
             attention_mask,
             positions: None,
             segments: None,
+            outputs: None,
         };
         self.logits(self.hidden_states(embeds, &inputs, cache))
     }
