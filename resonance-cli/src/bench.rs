@@ -194,9 +194,10 @@ fn run_all(
     let peak = matmul_peak(&device, 2048, 10, 2, options.dtype)?;
     let peak_gflops = peak["gflops"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
-        "matmul peak: {peak_gflops:.1} GFLOP/s ({} threads, {})",
+        "matmul peak: {peak_gflops:.1} GFLOP/s ({} threads, {}, {})",
         options.threads,
-        backend_name(args.backend)
+        backend_name(args.backend),
+        peak["product_library"].as_str().unwrap_or("?"),
     );
     let weights_sha256 = file_sha256(&weights)?;
     let info = weights_info(weights_dir);

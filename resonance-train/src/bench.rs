@@ -35,7 +35,7 @@ use resonance_core::config::{ExperimentConfig, TargetModules};
 use resonance_models::generate::{generate, generate_greedy_batch, SamplingConfig};
 use resonance_models::llava::config::LlavaConfig;
 use resonance_models::llava::model::Llava;
-use resonance_models::nn::linear::AdaptersDisabled;
+use resonance_models::nn::linear::{flat_linear, AdaptersDisabled};
 use resonance_models::packing::SharedPrefixPacking;
 use resonance_models::registry::{AnyModel, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
@@ -1217,7 +1217,9 @@ pub fn matmul_peak(
     let mut times = Vec::new();
     for k in 0..warmup + repeats {
         let start = Instant::now();
-        let c = a.clone().matmul(b.clone());
+        // The product the model's linear layers run (on the CPU backend the system's OpenBLAS
+        // when installed, else `gemm`), not flex's own matmul.
+        let c = flat_linear(a.clone(), b.clone(), None);
         sync(device)?;
         let dt = start.elapsed().as_secs_f64();
         drop(c);
@@ -1229,9 +1231,19 @@ pub fn matmul_peak(
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let flops = 2.0 * (n as f64).powi(3);
     Ok(json!({
-        "n": n, "dtype": dtype_name(dtype), "op": "burn Tensor::matmul", "repeats": repeats,
+        "n": n, "dtype": dtype_name(dtype), "op": "flat_linear (the linear layers' product)",
+        "product_library": product_library(device), "repeats": repeats,
         "median_s": med, "gflops": flops / med / 1e9, "best_gflops": flops / best / 1e9,
     }))
+}
+
+/// What runs the linear layers' f32 products on `device`.
+pub fn product_library(device: &Device) -> String {
+    if device.clone().inner() == Device::flex() {
+        resonance_models::nn::blas::product_library()
+    } else {
+        "the backend's matmul".to_string()
+    }
 }
 
 /// `model.params` from `bench_weights.json` next to the weights, when there.

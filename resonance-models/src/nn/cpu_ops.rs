@@ -1,5 +1,6 @@
 //! Pieces the CPU kernels share: contiguous f32 access to a flex tensor, and matrix products
-//! (`gemm`, the crate flex itself uses) into row-major buffers.
+//! into row-major buffers (the system's OpenBLAS when it is installed, see [`crate::nn::blas`],
+//! else `gemm`, the crate flex itself uses).
 
 use burn::tensor::DType;
 use burn_flex::FlexTensor;
@@ -63,6 +64,16 @@ impl Operand {
     pub fn columns(&self) -> usize {
         self.columns
     }
+
+    /// `(row_stride, column_stride)` in elements.
+    pub fn strides(&self) -> (isize, isize) {
+        (self.row_stride, self.column_stride)
+    }
+
+    /// The address of element `(0, 0)`.
+    pub fn ptr(&self) -> *const f32 {
+        self.ptr
+    }
 }
 
 /// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` when `accumulate`, where `dst` is
@@ -81,6 +92,32 @@ pub unsafe fn product_into(
     parallelism: gemm::Parallelism,
 ) {
     debug_assert_eq!(lhs.columns, rhs.rows);
+    if let Some(blas) = crate::nn::blas::blas() {
+        let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
+        // SAFETY: as the caller promises.
+        let done =
+            unsafe { blas.product(dst, dst_row_stride, accumulate, lhs, rhs, beta, parallel) };
+        if done {
+            return;
+        }
+    }
+    // SAFETY: as the caller promises.
+    unsafe { gemm_product_into(dst, dst_row_stride, accumulate, lhs, rhs, beta, parallelism) }
+}
+
+/// [`product_into`] by the `gemm` crate, whatever BLAS is installed.
+///
+/// # Safety
+/// As [`product_into`]'s.
+pub unsafe fn gemm_product_into(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
     // SAFETY: as the caller promises.
     unsafe {
         gemm::gemm(

@@ -1,5 +1,6 @@
 pub mod adamw;
 pub mod attention;
+pub mod blas;
 pub mod cpu_attention;
 pub mod cpu_math;
 pub mod cpu_ops;
