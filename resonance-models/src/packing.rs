@@ -153,16 +153,11 @@ impl SharedPrefixPacking {
     /// Hidden states of the packed rows `[n, packed width, hidden]` → the grouped layout
     /// `[copies·n, width, hidden]`.
     pub fn unpack(&self, packed: Tensor<3>) -> Tensor<3> {
-        let [n, packed_width, hidden] = packed.dims();
-        let device: Device = packed.device();
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(self.unpack_index.clone(), [self.unpack_index.len()]),
-            &device,
-        );
-        packed
-            .reshape([n * packed_width, hidden])
-            .select(0, index)
-            .reshape([self.grouped_rows, self.grouped_width, hidden])
+        gather_rows(
+            packed,
+            &self.unpack_index,
+            [self.grouped_rows, self.grouped_width],
+        )
     }
 
     /// Where the wanted outputs `outputs[r]` of the grouped rows lie in the packed rows: each
@@ -217,17 +212,21 @@ impl PackedOutputs {
     /// as [`select_rows`](crate::text::model::select_rows) would take them from unpacked rows
     /// (its padding entries aside: they hold another output of their row).
     pub fn regroup(&self, packed: Tensor<3>) -> Tensor<3> {
-        let [n, packed_k, hidden] = packed.dims();
-        let device: Device = packed.device();
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(self.regroup_index.clone(), [self.regroup_index.len()]),
-            &device,
-        );
-        packed
-            .reshape([n * packed_k, hidden])
-            .select(0, index)
-            .reshape([self.rows, self.k, hidden])
+        gather_rows(packed, &self.regroup_index, [self.rows, self.k])
     }
+}
+
+/// The vectors of `packed` `[n, width, hidden]` at the flat indices `index` (into `n × width`),
+/// as `[rows, columns, hidden]`; under autodiff the gradient sums over repeated indices.
+fn gather_rows(packed: Tensor<3>, index: &[i64], [rows, columns]: [usize; 2]) -> Tensor<3> {
+    let [n, width, hidden] = packed.dims();
+    let device: Device = packed.device();
+    let index =
+        Tensor::<1, Int>::from_data(TensorData::new(index.to_vec(), [index.len()]), &device);
+    packed
+        .reshape([n * width, hidden])
+        .select(0, index)
+        .reshape([rows, columns, hidden])
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ mod common;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use resonance_models::packing::SharedPrefixPacking;
 use resonance_models::registry::{AnyModel, ModelInputs};
-use resonance_models::text::model::select_rows;
+use resonance_models::text::model::{select_rows, CausalLm};
 use resonance_models::trainable::TrainableModel;
 
 /// `copies` groups of right-padded rows: example `i`'s copy `g` is `prefixes[i]` followed by
@@ -62,6 +62,14 @@ fn max_diff_on_tokens(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> f32 {
         }
     }
     worst
+}
+
+/// A text-only fixture model.
+fn text_model(name: &str, device: &Device) -> CausalLm {
+    match AnyModel::load(&common::fixtures().join(name), device) {
+        Ok(AnyModel::Text(m, _)) => *m,
+        other => panic!("{name} should load as a causal LM: {:?}", other.err()),
+    }
 }
 
 /// The packed forward against the rows as they are, and the packing actually taken; the same
@@ -161,10 +169,7 @@ fn llava_pairs_pack_on_wgpu() {
 #[test]
 fn sliding_windows_count_positions_not_packed_indices() {
     let device = Device::flex();
-    let model = match AnyModel::load(&common::fixtures().join("tiny-mistral"), &device) {
-        Ok(AnyModel::Text(m, _)) => *m,
-        other => panic!("tiny-mistral should load as a causal LM: {:?}", other.err()),
-    };
+    let model = text_model("tiny-mistral", &device);
     // A window of 4 tokens: the answers' first tokens see the end of the prompt only.
     let prefixes = [vec![1, 5, 6, 7, 8, 9, 10, 11], vec![1, 12, 13, 14, 15, 16]];
     let answers = [
@@ -181,10 +186,7 @@ fn sliding_windows_count_positions_not_packed_indices() {
 fn gradients_through_the_shared_prefix_sum_over_the_copies() {
     let device = Device::flex().autodiff();
     device.seed(11);
-    let model = match AnyModel::load(&common::fixtures().join("tiny-llama"), &device) {
-        Ok(AnyModel::Text(m, _)) => *m,
-        other => panic!("tiny-llama should load as a causal LM: {:?}", other.err()),
-    };
+    let model = text_model("tiny-llama", &device);
     let prefixes = [
         vec![1, 5, 6, 7, 8, 9, 10],
         vec![1, 12, 13, 14, 15, 16, 17, 18],
@@ -258,10 +260,7 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
 fn outputs_at_some_positions_give_the_full_gradients() {
     let device = Device::flex().autodiff();
     device.seed(13);
-    let model = match AnyModel::load(&common::fixtures().join("tiny-llama"), &device) {
-        Ok(AnyModel::Text(m, _)) => *m,
-        other => panic!("tiny-llama should load as a causal LM: {:?}", other.err()),
-    };
+    let model = text_model("tiny-llama", &device);
     let prefixes = [vec![1, 5, 6, 7, 8, 9, 10], vec![1, 12, 13, 14, 15, 16, 17]];
     let answers = [
         vec![vec![20, 21, 22], vec![30, 31]],
