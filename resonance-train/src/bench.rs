@@ -1116,7 +1116,7 @@ pub fn run_workload(
     res.insert("flops_per_step".into(), json!(flops_own.floor() as u64));
     res.insert(
         "flops_source".into(),
-        json!("analytic, this implementation's own work (tower layers that run, images encoded as here, LM head on every position)"),
+        json!("analytic, this implementation's own work (tower layers that run, images encoded as here, LM head only where the step reads logits)"),
     );
     res.insert("gflops_per_s".into(), json!(flops_own / med / 1e9));
     res.insert(

@@ -7,7 +7,8 @@
 //! how transformers' `*ForSequenceClassification` pools (`config.pad_token_id`; when the padding
 //! token is also EOS, the EOS itself is skipped, as there). A batch holds `K` candidate rows per
 //! record, candidate-major (row `k·n + i` is answer `k` of record `i`), so each image is encoded
-//! once for all its candidates ([`TrainableModel::hidden_grouped`]).
+//! once for all its candidates
+//! ([`TrainableModel::hidden_grouped`](resonance_models::trainable::TrainableModel::hidden_grouped)).
 
 use std::path::{Path, PathBuf};
 
