@@ -53,8 +53,8 @@ pub trait TrainableModel: Module + LinearLayers + Sized {
     /// tokens an example's copies share at their start are run once when that saves work
     /// ([`SharedPrefixPacking`]). Positions past a row's last real token hold no meaningful
     /// state. With `outputs`, only the states at `outputs[r]` of each row, `[b, k, hidden]` as
-    /// [`select_rows`](crate::text::model::select_rows) takes them, and the last decoder layer runs at those positions only
-    /// ([`DecoderInputs::outputs`]).
+    /// [`select_rows`](crate::text::model::select_rows) takes them, and the last decoder layer
+    /// runs at those positions only ([`DecoderInputs::outputs`]).
     fn hidden_grouped(
         &self,
         inputs: ModelInputs,

@@ -64,6 +64,20 @@ fn max_diff_on_tokens(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> f32 {
     worst
 }
 
+/// `got` equals the non-zero gradient `expected` to 1e-5 of its largest entry (or absolutely).
+fn assert_same_gradient(name: &str, got: &[f32], expected: &[f32]) {
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(expected)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(scale > 0.0, "{name}: no gradient");
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "{name}: {diff} (scale {scale})"
+    );
+}
+
 /// A text-only fixture model.
 fn text_model(name: &str, device: &Device) -> CausalLm {
     match AnyModel::load(&common::fixtures().join(name), device) {
@@ -244,13 +258,7 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
         ("q_proj", &packed.0, &rows.0),
         ("embed_tokens", &packed.1, &rows.1),
     ] {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(scale > 0.0, "{name}: no gradient");
-        assert!(
-            diff <= 1e-5 * scale.max(1.0),
-            "{name}: {diff} (scale {scale})"
-        );
+        assert_same_gradient(name, a, b);
     }
 }
 
@@ -328,13 +336,7 @@ fn outputs_at_some_positions_give_the_full_gradients() {
     ];
     for (got, path) in [(&at_rows, "rows"), (&packed, "packed")] {
         for ((name, a), b) in names.iter().zip(got).zip(&full) {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(scale > 0.0, "{name}: no gradient");
-            assert!(
-                diff <= 1e-5 * scale.max(1.0),
-                "{path} {name}: {diff} (scale {scale})"
-            );
+            assert_same_gradient(&format!("{path} {name}"), a, b);
         }
     }
 }

@@ -367,14 +367,7 @@ impl CausalLm {
             .first()
             .map(|l| l.self_attn.num_heads)
             .unwrap_or(1);
-        // One mask per distinct window, built once for all layers that share it.
-        let mut masks: Vec<(Option<usize>, Option<Tensor<4, burn::tensor::Bool>>)> = Vec::new();
-        for layer in &self.model.layers {
-            if !masks.iter().any(|(w, _)| *w == layer.window) {
-                masks.push((layer.window, spec.build(heads, layer.window, &device)));
-            }
-        }
-        let rope = self.rope.tables(&positions, &device);
+        // With wanted outputs the last layer takes mask rows of its own (built below).
         let full_layers = match inputs.outputs {
             Some(_) => {
                 assert!(cache.is_none(), "selected outputs take no cache");
@@ -382,6 +375,14 @@ impl CausalLm {
             }
             None => self.model.layers.len(),
         };
+        // One mask per distinct window, built once for all layers that share it.
+        let mut masks: Vec<(Option<usize>, Option<Tensor<4, burn::tensor::Bool>>)> = Vec::new();
+        for layer in &self.model.layers[..full_layers] {
+            if !masks.iter().any(|(w, _)| *w == layer.window) {
+                masks.push((layer.window, spec.build(heads, layer.window, &device)));
+            }
+        }
+        let rope = self.rope.tables(&positions, &device);
 
         let mut x = embeds;
         for (i, layer) in self.model.layers[..full_layers].iter().enumerate() {
