@@ -22,6 +22,8 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use crate::nn::simd::wide;
+
 /// The scalars of one AdamW step, as f32 like Burn's element-wise operations use them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWCoefficients {
@@ -164,18 +166,21 @@ fn update_chunk<const FIRST: bool, const DECAY: bool>(
 ) {
     let (factor_1, factor_2) = (1.0 - c.beta_1, 1.0 - c.beta_2);
     let keep = c.keep.unwrap_or(1.0);
-    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-        if FIRST {
-            *m = g * factor_1;
-            *v = (g * g) * factor_2;
-        } else {
-            *m = *m * c.beta_1 + g * factor_1;
-            *v = *v * c.beta_2 + (g * g) * factor_2;
+    wide!({
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            if FIRST {
+                *m = g * factor_1;
+                *v = (g * g) * factor_2;
+            } else {
+                *m = *m * c.beta_1 + g * factor_1;
+                *v = *v * c.beta_2 + (g * g) * factor_2;
+            }
+            let update =
+                (*m / c.bias_correction_1) / ((*v / c.bias_correction_2).sqrt() + c.epsilon);
+            let base = if DECAY { *p * keep } else { *p };
+            *p = base - update * c.lr;
         }
-        let update = (*m / c.bias_correction_1) / ((*v / c.bias_correction_2).sqrt() + c.epsilon);
-        let base = if DECAY { *p * keep } else { *p };
-        *p = base - update * c.lr;
-    }
+    })
 }
 
 /// The tensor itself when it alone owns exactly its contiguous elements (written in place),

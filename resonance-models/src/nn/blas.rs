@@ -263,8 +263,10 @@ impl Blas {
             block([0, m, 0, n]);
             return true;
         }
-        // Rows when there are enough of them, else columns (decoding: a few rows, wide weights).
-        let split_rows = m >= n.min(MIN_BLOCK * threads);
+        // Along the longer side: every block packs the operand it does not divide whole, so
+        // dividing the larger one repeats the smaller packing (a weight gradient `xᵀ·dy`, 512 ×
+        // 1376 from 2052 tokens, ran 5-10 % faster in column blocks than in row blocks).
+        let split_rows = m >= n;
         let extent = if split_rows { m } else { n };
         let parts = threads.min(extent.div_ceil(MIN_BLOCK)).max(1);
         let size = extent.div_ceil(parts).next_multiple_of(8);

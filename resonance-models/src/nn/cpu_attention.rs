@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::nn::cpu_math::exp_nonpositive;
 use crate::nn::cpu_ops::{product_into, Operand};
+use crate::nn::simd::wide;
 
 /// Queries per block: small enough that a causal block skips most masked keys, large enough for
 /// the block's two products to run at the GEMM's speed.
@@ -436,14 +437,16 @@ impl Head<'_> {
                 gemm::Parallelism::None,
             );
         }
-        for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
-            if let Some(hidden) = rows_of(i) {
-                for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
-                    *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+        wide!({
+            for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
+                if let Some(hidden) = rows_of(i) {
+                    for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
+                        *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                    }
                 }
+                softmax_in_place(row);
             }
-            softmax_in_place(row);
-        }
+        });
         Some((lo, span))
     }
 
@@ -500,18 +503,20 @@ impl Head<'_> {
                     gemm::Parallelism::None,
                 );
             }
-            for (i, (grad_row, prob_row)) in grad_scores
-                .chunks_exact_mut(span)
-                .zip(probs.chunks_exact(span))
-                .enumerate()
-            {
-                let row_dot = (0..self.value_dim)
-                    .map(|c| grad_output.at(first + i, c) * output.at(first + i, c))
-                    .sum::<f32>();
-                for (g, &p) in grad_row.iter_mut().zip(prob_row) {
-                    *g = p * (*g - row_dot) * self.scale;
+            wide!({
+                for (i, (grad_row, prob_row)) in grad_scores
+                    .chunks_exact_mut(span)
+                    .zip(probs.chunks_exact(span))
+                    .enumerate()
+                {
+                    let row_dot = (0..self.value_dim)
+                        .map(|c| grad_output.at(first + i, c) * output.at(first + i, c))
+                        .sum::<f32>();
+                    for (g, &p) in grad_row.iter_mut().zip(prob_row) {
+                        *g = p * (*g - row_dot) * self.scale;
+                    }
                 }
-            }
+            });
             unsafe {
                 // dQ[block] = dS · K[lo..hi]
                 product_into(
@@ -585,6 +590,7 @@ fn last_zero(bytes: &[u8]) -> Option<usize> {
 }
 
 /// Softmax of one row in place; a row of `-inf` (no visible key) becomes zeros.
+#[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
     // Eight partial maxima and sums: a fixed order (deterministic) that vectorises.
     let mut partial_max = [f32::NEG_INFINITY; 8];

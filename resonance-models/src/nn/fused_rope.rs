@@ -27,6 +27,8 @@ use burn::tensor::{Bytes, DType, Shape, Slice};
 use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
+use crate::nn::simd::wide;
+
 /// The fused rotation.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedRope: Backend {
@@ -300,7 +302,7 @@ fn rotate_f32(
             let (y1, y2) = y.split_at_mut(half);
             let (c1, c2) = cos.split_at(half);
             let (s1, s2) = sin.split_at(half);
-            match direction {
+            wide!(match direction {
                 Direction::Forward => {
                     for j in 0..half {
                         y1[j] = x1[j] * c1[j] - x2[j] * s1[j];
@@ -313,7 +315,7 @@ fn rotate_f32(
                         y2[j] = x2[j] * c2[j] - x1[j] * s1[j];
                     }
                 }
-            }
+            })
         });
     let layout = Layout::new(
         Shape::new([b, h, t, d]),

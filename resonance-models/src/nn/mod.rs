@@ -12,3 +12,4 @@ pub mod precision;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_gate;
+pub mod simd;

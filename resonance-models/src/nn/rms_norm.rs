@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use crate::nn::cpu_ops::contiguous_f32;
 use crate::nn::precision::to_dtype;
+use crate::nn::simd::wide;
 
 /// `norm.forward(x)`, through the fused operation on the CPU backend; in half precision as
 /// transformers' Llama-family norms compute it.
@@ -229,6 +230,7 @@ fn operands<'a>(x: &'a FlexTensor, gamma: &'a FlexTensor) -> Option<(&'a [f32], 
 }
 
 /// Σ aᵢ·bᵢ with eight partial sums (a fixed order that vectorises).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0.0f32; 8];
     let (mut a_chunks, mut b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -246,6 +248,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     partial.iter().sum::<f32>() + tail
 }
 
+#[inline(always)]
 fn inverse_rms(row: &[f32], epsilon: f32) -> f32 {
     1.0 / (dot(row, row) / row.len() as f32 + epsilon).sqrt()
 }
@@ -257,12 +260,14 @@ fn rms_norm_f32(x: &FlexTensor, gamma: &FlexTensor, epsilon: f32) -> Option<Flex
     out.par_chunks_mut(ROWS_PER_TASK * d)
         .zip(values.par_chunks(ROWS_PER_TASK * d))
         .for_each(|(out, x)| {
-            for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let r = inverse_rms(x, epsilon);
-                for ((y, &x), &g) in out.iter_mut().zip(x).zip(gamma_values) {
-                    *y = x * r * g;
+            wide!({
+                for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let r = inverse_rms(x, epsilon);
+                    for ((y, &x), &g) in out.iter_mut().zip(x).zip(gamma_values) {
+                        *y = x * r * g;
+                    }
                 }
-            }
+            })
         });
     let shape = x.layout().shape().clone();
     Some(FlexTensor::from_data(TensorData::new(out, shape)))
@@ -288,29 +293,31 @@ fn rms_norm_gradients_f32(
         .zip(values.par_chunks(ROWS_PER_TASK * d))
         .zip(grad_values.par_chunks(ROWS_PER_TASK * d))
         .map(|((grad_x, x), dy)| {
-            let mut grad_gamma = vec![0.0f32; d];
-            let mut g = vec![0.0f32; d];
-            let rows = grad_x
-                .chunks_exact_mut(d)
-                .zip(x.chunks_exact(d))
-                .zip(dy.chunks_exact(d));
-            for ((grad_x, x), dy) in rows {
-                let r = inverse_rms(x, epsilon);
-                for (((g, &dy), &gamma), (grad_gamma, &x)) in g
-                    .iter_mut()
-                    .zip(dy)
-                    .zip(gamma_values)
-                    .zip(grad_gamma.iter_mut().zip(x))
-                {
-                    *g = dy * gamma;
-                    *grad_gamma += dy * x * r;
+            wide!({
+                let mut grad_gamma = vec![0.0f32; d];
+                let mut g = vec![0.0f32; d];
+                let rows = grad_x
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(dy.chunks_exact(d));
+                for ((grad_x, x), dy) in rows {
+                    let r = inverse_rms(x, epsilon);
+                    for (((g, &dy), &gamma), (grad_gamma, &x)) in g
+                        .iter_mut()
+                        .zip(dy)
+                        .zip(gamma_values)
+                        .zip(grad_gamma.iter_mut().zip(x))
+                    {
+                        *g = dy * gamma;
+                        *grad_gamma += dy * x * r;
+                    }
+                    let mean_dot = dot(&g, x) * r / d as f32;
+                    for ((grad_x, &g), &x) in grad_x.iter_mut().zip(&g).zip(x) {
+                        *grad_x = r * (g - x * r * mean_dot);
+                    }
                 }
-                let mean_dot = dot(&g, x) * r / d as f32;
-                for ((grad_x, &g), &x) in grad_x.iter_mut().zip(&g).zip(x) {
-                    *grad_x = r * (g - x * r * mean_dot);
-                }
-            }
-            grad_gamma
+                grad_gamma
+            })
         })
         .collect();
     let mut grad_gamma = vec![0.0f32; d];

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use crate::nn::cpu_math::{sigmoid, sigmoid_pair};
 use crate::nn::cpu_ops::contiguous_f32;
+use crate::nn::simd::wide;
 
 /// `silu(gate) · up` for tensors of the same shape.
 pub fn silu_gate<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
@@ -173,9 +174,11 @@ fn silu_gate_f32(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(out, (g, u))| {
-            for ((y, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(g) * u;
-            }
+            wide!({
+                for ((y, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(g) * u;
+                }
+            })
         });
     Some(from_values(out, gate))
 }
@@ -195,11 +198,13 @@ fn silu_gate_gradients_f32(
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .zip(dy.par_chunks(CHUNK))
         .for_each(|(((dg, du), (g, u)), dy)| {
-            for i in 0..dg.len() {
-                let (s, complement) = sigmoid_pair(g[i]);
-                du[i] = dy[i] * g[i] * s;
-                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * complement);
-            }
+            wide!({
+                for i in 0..dg.len() {
+                    let (s, complement) = sigmoid_pair(g[i]);
+                    du[i] = dy[i] * g[i] * s;
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * complement);
+                }
+            })
         });
     Some([from_values(grad_gate, gate), from_values(grad_up, gate)])
 }
