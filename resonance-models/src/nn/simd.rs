@@ -1,7 +1,7 @@
 //! The element-wise CPU kernels compiled a second time for AVX2 and chosen at run time.
 //!
 //! Release builds target the x86-64 baseline (SSE2, four f32 lanes) so that one binary runs on
-//! every x86-64 CPU. The kernels' loops are written to vectorise; run through [`wide`] on a CPU
+//! every x86-64 CPU. The kernels' loops are written to vectorise; run through [`wide!`] on a CPU
 //! with AVX2 they are compiled with eight lanes instead. Rust never fuses `a * b + c` into one
 //! rounding by itself, and each lane of a vector add, multiply, divide or square root rounds as
 //! the scalar operation does, so both paths give the same bits: the choice changes speed only.
