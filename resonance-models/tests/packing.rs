@@ -79,6 +79,21 @@ fn assert_same_gradient(name: &str, got: &[f32], expected: &[f32]) {
 }
 
 /// A text-only fixture model.
+/// Normal random weights `[rows, width, hidden]`, zero where `counted` (`rows × width`, 1 or
+/// 0) is 0: a fixed weighting of hidden states that a loss reads only where counted.
+fn counted_weights(
+    counted: Vec<f32>,
+    [rows, width, hidden]: [usize; 3],
+    device: &Device,
+) -> Tensor<3> {
+    let counted = Tensor::<3>::from_data(TensorData::new(counted, [rows, width, 1]), device);
+    Tensor::<3>::random(
+        [rows, width, hidden],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    ) * counted
+}
+
 fn text_model(name: &str, device: &Device) -> CausalLm {
     match AnyModel::load(&common::fixtures().join(name), device) {
         Ok(AnyModel::Text(m, _)) => *m,
@@ -218,12 +233,7 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
         .flatten()
         .map(|&m| f32::from(u8::from(m)))
         .collect();
-    let real = Tensor::<3>::from_data(TensorData::new(real, [rows, width, 1]), &device);
-    let weights = Tensor::<3>::random(
-        [rows, width, hidden_size],
-        Distribution::Normal(0.0, 1.0),
-        &device,
-    ) * real;
+    let weights = counted_weights(real, [rows, width, hidden_size], &device);
     let inputs = || ModelInputs {
         input_ids: &ids,
         attention_mask: &mask,
@@ -290,12 +300,7 @@ fn outputs_at_some_positions_give_the_full_gradients() {
         .iter()
         .flat_map(|row| (0..k).map(move |j| f32::from(u8::from(j < row.len()))))
         .collect();
-    let wanted = Tensor::<3>::from_data(TensorData::new(wanted, [ids.len(), k, 1]), &device);
-    let weights = Tensor::<3>::random(
-        [ids.len(), k, hidden_size],
-        Distribution::Normal(0.0, 1.0),
-        &device,
-    ) * wanted;
+    let weights = counted_weights(wanted, [ids.len(), k, hidden_size], &device);
     let inputs = || ModelInputs {
         input_ids: &ids,
         attention_mask: &mask,

@@ -30,25 +30,22 @@ macro_rules! wide {
 }
 pub(crate) use wide;
 
-/// Whether [`wide!`] runs its code with AVX2 (for logs and tests).
+/// Whether [`wide!`] runs its code with AVX2: the CPU has it and `RESONANCE_SIMD=baseline`
+/// (for A/B timing) is not set. Decided once.
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && !disabled_by_environment()
+        static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let baseline = std::env::var("RESONANCE_SIMD")
+                .is_ok_and(|value| value.eq_ignore_ascii_case("baseline"));
+            std::arch::is_x86_feature_detected!("avx2") && !baseline
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
-}
-
-/// `RESONANCE_SIMD=baseline` keeps the baseline build of the kernels (for A/B timing).
-#[cfg(target_arch = "x86_64")]
-fn disabled_by_environment() -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DISABLED.get_or_init(|| {
-        std::env::var("RESONANCE_SIMD").is_ok_and(|value| value.eq_ignore_ascii_case("baseline"))
-    })
 }
 
 /// Calls `kernel` from a function compiled with AVX2, so that the code inlined into it is.

@@ -63,6 +63,16 @@ pub struct DecoderLayer {
     pub window: Option<usize>,
 }
 
+impl DecoderLayer {
+    /// The layer's second half: `x + mlp(norm(x))` for the attention block's output `x`.
+    fn feed_forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self
+            .mlp
+            .forward(rms_norm(&self.post_attention_layernorm, x.clone()));
+        x + h
+    }
+}
+
 /// Token embeddings, decoder layers and final norm (`model.*` in checkpoints).
 #[derive(Module, Debug)]
 pub struct DecoderModel {
@@ -395,11 +405,7 @@ impl CausalLm {
             let h = layer
                 .self_attn
                 .forward(h, &rope, mask, cache.as_deref_mut().map(|c| (c, i)));
-            let x_mid = residual + h;
-            let h = layer
-                .mlp
-                .forward(rms_norm(&layer.post_attention_layernorm, x_mid.clone()));
-            x = x_mid + h;
+            x = layer.feed_forward(residual + h);
         }
         if let Some(outputs) = inputs.outputs {
             let outputs = &padded_positions(outputs, b);
@@ -421,11 +427,7 @@ impl CausalLm {
                         &rope,
                         mask,
                     );
-                    let x_mid = picked(x) + h;
-                    let h = layer
-                        .mlp
-                        .forward(rms_norm(&layer.post_attention_layernorm, x_mid.clone()));
-                    x_mid + h
+                    layer.feed_forward(picked(x) + h)
                 }
                 None => picked(x),
             };
