@@ -12,7 +12,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_math::exp_nonpositive;
-use crate::nn::cpu_ops::{product_into, Operand};
+use crate::nn::cpu_ops::{product_into, zeroed, Operand};
 use crate::nn::simd::wide;
 
 /// Queries per block: small enough that a causal block skips most masked keys, large enough for
@@ -43,7 +43,7 @@ pub fn attention_f32(
         StridedTensor::new(&key)?,
         StridedTensor::new(&value)?,
     );
-    let mut output = vec![0.0f32; shape.output_len()];
+    let mut output = zeroed(shape.output_len());
     if !shape.is_empty() {
         output
             .par_chunks_mut(shape.queries * shape.value_dim)
@@ -105,9 +105,9 @@ pub fn attention_backward_f32(
         value_dim,
     } = shape;
     // Key and value gradients per query head; grouped heads are summed afterwards.
-    let mut grad_query = vec![0.0f32; batch * heads * queries * dim];
-    let mut grad_key = vec![0.0f32; batch * heads * keys * dim];
-    let mut grad_value = vec![0.0f32; batch * heads * keys * value_dim];
+    let mut grad_query = zeroed(batch * heads * queries * dim);
+    let mut grad_key = zeroed(batch * heads * keys * dim);
+    let mut grad_value = zeroed(batch * heads * keys * value_dim);
     if !shape.is_empty() {
         grad_query
             .par_chunks_mut(queries * dim)

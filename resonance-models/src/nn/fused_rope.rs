@@ -27,6 +27,7 @@ use burn::tensor::{Bytes, DType, Shape, Slice};
 use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
+use crate::nn::cpu_ops::zeroed;
 use crate::nn::simd::wide;
 
 /// The fused rotation.
@@ -280,7 +281,7 @@ fn rotate_f32(
         }
     }
     let out_strides = out_strides.unwrap_or([h * t * d, t * d, d, 1]);
-    let mut out = vec![0.0f32; n];
+    let mut out = zeroed(n);
     let target = Output(out.as_mut_ptr());
     let half = d / 2;
     (0..b * h * t)

@@ -26,7 +26,7 @@ use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::nn::cpu_ops::contiguous_f32;
+use crate::nn::cpu_ops::{contiguous_f32, zeroed};
 use crate::nn::precision::to_dtype;
 use crate::nn::simd::wide;
 
@@ -256,7 +256,7 @@ fn inverse_rms(row: &[f32], epsilon: f32) -> f32 {
 fn rms_norm_f32(x: &FlexTensor, gamma: &FlexTensor, epsilon: f32) -> Option<FlexTensor> {
     let (values, gamma_values) = operands(x, gamma)?;
     let d = gamma_values.len();
-    let mut out = vec![0.0f32; values.len()];
+    let mut out = zeroed(values.len());
     out.par_chunks_mut(ROWS_PER_TASK * d)
         .zip(values.par_chunks(ROWS_PER_TASK * d))
         .for_each(|(out, x)| {
@@ -285,7 +285,7 @@ fn rms_norm_gradients_f32(
     }
     let grad_values = contiguous_f32(grad_output)?;
     let d = gamma_values.len();
-    let mut grad_x = vec![0.0f32; values.len()];
+    let mut grad_x = zeroed(values.len());
     // Each task's share of dγ, summed afterwards in task order: deterministic whatever thread
     // ran which task.
     let partial_gamma: Vec<Vec<f32>> = grad_x

@@ -26,7 +26,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::nn::cpu_math::{sigmoid, sigmoid_pair};
-use crate::nn::cpu_ops::contiguous_f32;
+use crate::nn::cpu_ops::{contiguous_f32, zeroed};
 use crate::nn::simd::wide;
 
 /// `silu(gate) · up` for tensors of the same shape.
@@ -170,7 +170,7 @@ fn from_values(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
 /// The forward kernel; `None` unless both inputs are contiguous f32 of the same shape.
 fn silu_gate_f32(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
     let [g, u] = operands([gate, up])?;
-    let mut out = vec![0.0f32; g.len()];
+    let mut out = zeroed(g.len());
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(out, (g, u))| {
@@ -190,8 +190,8 @@ fn silu_gate_gradients_f32(
     grad_output: &FlexTensor,
 ) -> Option<[FlexTensor; 2]> {
     let [g, u, dy] = operands([gate, up, grad_output])?;
-    let mut grad_gate = vec![0.0f32; g.len()];
-    let mut grad_up = vec![0.0f32; g.len()];
+    let mut grad_gate = zeroed(g.len());
+    let mut grad_up = zeroed(g.len());
     grad_gate
         .par_chunks_mut(CHUNK)
         .zip(grad_up.par_chunks_mut(CHUNK))
