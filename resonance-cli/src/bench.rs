@@ -64,6 +64,13 @@ pub struct BenchArgs {
     pub child_out: Option<PathBuf>,
 }
 
+/// The compute threads of the bench's parent and children: `--threads`, else every usable core.
+/// The CLI builds its pool with this count, so the parent measures the matmul peak with the
+/// children's thread count.
+pub fn compute_threads(args: &BenchArgs) -> usize {
+    args.threads.unwrap_or_else(usable_cores).max(1)
+}
+
 fn usable_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -112,7 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .weights_dir
         .clone()
         .unwrap_or_else(|| spec.weights_dir.clone());
-    let threads = args.threads.unwrap_or_else(usable_cores).max(1);
+    let threads = compute_threads(&args);
     let options = RunOptions {
         steps: args.steps.unwrap_or(spec.steps),
         warmup: args.warmup.unwrap_or(spec.warmup),
@@ -187,8 +194,6 @@ fn run_all(
     for name in &names {
         spec.workload(name)?;
     }
-    // The parent measures the matmul peak with the children's thread count.
-    std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
     let load_start = load_avg();
     let device = backend::device(args.backend)?;
     let peak = matmul_peak(&device, 2048, 10, 2, options.dtype)?;

@@ -186,7 +186,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let threads = match &cli.command {
-        Command::Bench(args) => args.threads,
+        Command::Bench(args) => Some(bench::compute_threads(args)),
         _ => None,
     };
     if let Err(err) = run_in_compute_pool(threads, move || run(cli)) {
