@@ -37,8 +37,9 @@ impl Component {
 
 /// A model the training loop can run: a Burn module with LoRA-targetable linear layers, a
 /// forward from token ids (and pixels) to logits, and a split of its parameters into
-/// [`Component`]s by module path.
-pub trait TrainableModel: Module + LinearLayers + Sized {
+/// [`Component`]s by module path. `Sync`: the shards of a batch run on several threads and read
+/// a frozen reference model side by side.
+pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
     /// The component a parameter (or module) path belongs to.
     fn component_of(path: &str) -> Component;
 

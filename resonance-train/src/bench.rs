@@ -6,10 +6,12 @@
 //! the step-0 numbers (losses, log-probs, greedy ids) must agree and the times compare the same
 //! work. Each workload runs through the code paths `resonance train` / `score` / `generate` use:
 //!
-//! * `sft`: [`TrainableModel::target_logits`] → [`sft_loss`] → `backward` →
-//!   [`GradientsParams::from_grads`] → the trainer's AdamW ([`build_optimizer`]); the vision tower
-//!   frozen through [`prepare_params`];
-//! * `dpo`: LoRA attached by the trainer's [`attach_lora`], the policy's
+//! * `sft`: the rows in shards, one per compute thread ([`sharded_gradients`], as the trainer),
+//!   each [`TrainableModel::target_logits`] → [`sft_loss`] → `backward` →
+//!   `GradientsParams::from_grads`, then the trainer's AdamW ([`build_optimizer`]); the vision
+//!   tower frozen through [`prepare_params`];
+//! * `dpo`: LoRA attached by the trainer's [`attach_lora`], the pairs in shards as for `sft`, per
+//!   shard the policy's
 //!   [`TrainableModel::target_logits`] over the pairs (each image encoded once for chosen and
 //!   rejected, their shared prefix run once), the
 //!   reference = the same model under [`AdaptersDisabled`] without gradients, [`pair_loss`];
@@ -29,7 +31,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 use resonance_core::config::{ExperimentConfig, TargetModules};
 use resonance_models::generate::{generate, generate_greedy_batch, SamplingConfig};
@@ -50,6 +51,7 @@ use crate::logprobs::{compact_targets, sequence_logps, token_logprobs};
 use crate::losses::{DpoLossConfig, DpoLossType};
 use crate::params::{is_lora_path, param_table, parameters_by_dtype, prepare_params};
 use crate::sft::sft_loss;
+use crate::shards::{shard_count, shard_ranges, sharded_gradients};
 use crate::trainer::{apply_precision, attach_lora, build_optimizer};
 
 /// Version of the result JSON (shared with `bench/reference.py`).
@@ -444,9 +446,15 @@ impl Inputs {
     /// `((b·31 + c·17 + y·7 + x·3) mod 255) / 127.5 − 1`, `[batch, 3, size, size]`, f32 as torch
     /// computes it.
     pub fn pixels(&self, batch: usize, device: &Device) -> Tensor<4> {
+        self.pixels_of(0..batch, device)
+    }
+
+    /// [`Self::pixels`] of the rows `rows` only.
+    pub fn pixels_of(&self, rows: std::ops::Range<usize>, device: &Device) -> Tensor<4> {
         let s = self.image_size;
+        let batch = rows.len();
         let mut values = Vec::with_capacity(batch * 3 * s * s);
-        for b in 0..batch {
+        for b in rows {
             for c in 0..3 {
                 for y in 0..s {
                     for x in 0..s {
@@ -819,38 +827,45 @@ pub fn run_workload(
                     .into(),
             );
             let tokens = b * ids[0].len();
-            let (positions, targets) = compact_targets(&targets);
+            let shards = shard_ranges(b, shard_count(&device, b));
+            if shards.len() > 1 {
+                notes.push(format!(
+                    "the batch's rows in {} shards, one per compute thread, each forward and \
+                     backward on its own thread (resonance_train::shards)",
+                    shards.len()
+                ));
+            }
+            extra.insert("shards".into(), json!(shards.len()));
             let mut model = Some(model);
             let step: StepFn = Box::new(move || {
                 let m = model
                     .take()
                     .ok_or_else(|| input_error("the model was lost in a failed step"))?;
                 let mut t = Instant::now();
-                let pixels = inputs.pixels(b, &device);
-                let logits = m.target_logits(
-                    ModelInputs {
-                        input_ids: &ids,
-                        attention_mask: &mask,
-                        pixel_values: Some(pixels),
-                    },
-                    1,
-                    &positions,
-                    &device,
-                )?;
-                let loss = sft_loss(logits, &targets, normalizer);
-                let value = loss.clone().into_scalar::<f64>();
-                let forward = lap(&device, &mut t)?;
-                let grads = GradientsParams::from_grads(loss.backward(), &m);
-                let backward = lap(&device, &mut t)?;
+                let (losses, grads) =
+                    sharded_gradients(&m, &device, shards.clone(), |replica, rows| {
+                        let (positions, targets) = compact_targets(&targets[rows.clone()]);
+                        let logits = replica.target_logits(
+                            ModelInputs {
+                                input_ids: &ids[rows.clone()],
+                                attention_mask: &mask[rows.clone()],
+                                pixel_values: Some(inputs.pixels_of(rows, &device)),
+                            },
+                            1,
+                            &positions,
+                            &device,
+                        )?;
+                        let loss = sft_loss(logits, &targets, normalizer);
+                        let value = loss.clone().into_scalar::<f64>();
+                        Ok((loss, value))
+                    })?;
+                let value: f64 = losses.iter().sum();
+                let forward_backward = lap(&device, &mut t)?;
                 model = Some(optimizer.step(lr, m, grads));
                 let optim = lap(&device, &mut t)?;
                 Ok(StepOutput {
                     value: Some(value),
-                    phases: vec![
-                        ("forward_loss", forward),
-                        ("backward", backward),
-                        ("optimizer", optim),
-                    ],
+                    phases: vec![("forward_backward", forward_backward), ("optimizer", optim)],
                     first_ids: None,
                 })
             });
@@ -872,7 +887,6 @@ pub fn run_workload(
             let mask = vec![vec![true; ids[0].len()]; ids.len()];
             let targets = completion_targets(&ids, inputs.prompt_len(w.prompt_text_tokens));
             let lengths: Vec<f32> = targets.iter().map(|t| t.len() as f32).collect();
-            let (positions, targets) = compact_targets(&targets);
             let experiment = experiment_config(&w, spec.seed);
             device.seed(spec.seed);
             let adapted = attach_lora(&mut model, &experiment, &device)?;
@@ -921,49 +935,67 @@ pub fn run_workload(
                  dpo::pair_loss, backward, the trainer's AdamW",
                 2 * pairs
             ));
+            let shards = shard_ranges(pairs, shard_count(&device, pairs));
+            if shards.len() > 1 {
+                notes.push(format!(
+                    "the pairs in {} shards, one per compute thread, each forward (policy and \
+                     reference) and backward on its own thread (resonance_train::shards)",
+                    shards.len()
+                ));
+            }
+            extra.insert("shards".into(), json!(shards.len()));
+            // A shard's rows: its pairs' chosen rows, then their rejected rows.
+            let rows_of = move |range: &std::ops::Range<usize>| -> Vec<usize> {
+                range
+                    .clone()
+                    .chain(range.clone().map(|i| pairs + i))
+                    .collect()
+            };
             let mut model = Some(model);
             let step: StepFn = Box::new(move || {
                 let m = model
                     .take()
                     .ok_or_else(|| input_error("the model was lost in a failed step"))?;
-                let batch = |pixels| ModelInputs {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    pixel_values: Some(pixels),
-                };
                 let mut t = Instant::now();
-                let policy_logits =
-                    m.target_logits(batch(inputs.pixels(pairs, &device)), 2, &positions, &device)?;
-                let policy = sequence_logps(policy_logits, &targets);
-                let forward_policy = lap(&device, &mut t)?;
-                let reference = {
-                    let _off = AdaptersDisabled::new();
-                    let frozen = m.valid();
-                    let logits = frozen.target_logits(
-                        batch(inputs.pixels(pairs, &plain)),
-                        2,
-                        &positions,
-                        &plain,
-                    )?;
-                    let values = sequence_logps(logits, &targets);
-                    Tensor::<1>::from_data(values.into_data(), &device)
-                };
-                let forward_reference = lap(&device, &mut t)?;
-                let (out, _) = pair_loss(policy, reference, None, &lengths, &loss_configs)?;
-                let loss = out.losses.sum().div_scalar(pairs as f64);
-                let value = loss.clone().into_scalar::<f64>();
-                let grads = GradientsParams::from_grads(loss.backward(), &m);
-                let backward = lap(&device, &mut t)?;
+                let (losses, grads) =
+                    sharded_gradients(&m, &device, shards.clone(), |replica, range| {
+                        let rows = rows_of(&range);
+                        let ids: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r].clone()).collect();
+                        let mask: Vec<Vec<bool>> = rows.iter().map(|&r| mask[r].clone()).collect();
+                        let targets: Vec<Vec<(usize, u32)>> =
+                            rows.iter().map(|&r| targets[r].clone()).collect();
+                        let lengths: Vec<f32> = rows.iter().map(|&r| lengths[r]).collect();
+                        let (positions, targets) = compact_targets(&targets);
+                        let batch = |pixels| ModelInputs {
+                            input_ids: &ids,
+                            attention_mask: &mask,
+                            pixel_values: Some(pixels),
+                        };
+                        let pixels = inputs.pixels_of(range.clone(), &device);
+                        let policy_logits =
+                            replica.target_logits(batch(pixels), 2, &positions, &device)?;
+                        let policy = sequence_logps(policy_logits, &targets);
+                        let reference = {
+                            let _off = AdaptersDisabled::new();
+                            let frozen = replica.valid();
+                            let pixels = inputs.pixels_of(range.clone(), &plain);
+                            let logits =
+                                frozen.target_logits(batch(pixels), 2, &positions, &plain)?;
+                            let values = sequence_logps(logits, &targets);
+                            Tensor::<1>::from_data(values.into_data(), &device)
+                        };
+                        let (out, _) = pair_loss(policy, reference, None, &lengths, &loss_configs)?;
+                        let loss = out.losses.sum().div_scalar(pairs as f64);
+                        let value = loss.clone().into_scalar::<f64>();
+                        Ok((loss, value))
+                    })?;
+                let value: f64 = losses.iter().sum();
+                let forward_backward = lap(&device, &mut t)?;
                 model = Some(optimizer.step(lr, m, grads));
                 let optim = lap(&device, &mut t)?;
                 Ok(StepOutput {
                     value: Some(value),
-                    phases: vec![
-                        ("forward_policy", forward_policy),
-                        ("forward_reference", forward_reference),
-                        ("loss_backward", backward),
-                        ("optimizer", optim),
-                    ],
+                    phases: vec![("forward_backward", forward_backward), ("optimizer", optim)],
                     first_ids: None,
                 })
             });

@@ -14,6 +14,7 @@ pub mod reward;
 pub mod schedule;
 pub mod score;
 pub mod sft;
+pub mod shards;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -45,6 +45,7 @@ use crate::params::{
 use crate::reward::RankedBatch;
 use crate::schedule::WarmupSchedule;
 use crate::sft::{encode_conversation, sft_loss, Refusal, SftBatch};
+use crate::shards::{shard_count, shard_ranges, sharded_gradients};
 
 /// Linear layers LoRA targets under `target_modules = "auto"`.
 pub const AUTO_LM_TARGETS: [&str; 7] = [
@@ -846,6 +847,19 @@ fn load_reference<M: TrainableModel>(
     Ok(model)
 }
 
+/// The shards of a micro-batch of `rows` examples (`crate::shards`). One when the forward pass
+/// draws random numbers (LoRA dropout): Burn's generator is shared, and the order in which the
+/// shards' threads draw from it would vary from run to run.
+fn shards_of(context: &RunContext, rows: usize) -> Vec<std::ops::Range<usize>> {
+    let lora = &context.config.lora;
+    let count = if lora.enabled && lora.dropout > 0.0 {
+        1
+    } else {
+        shard_count(context.device, rows)
+    };
+    shard_ranges(rows, count)
+}
+
 /// SFT: token-averaged cross-entropy over the assistant tokens of the accumulated batch.
 fn sft_step<M: TrainableModel>(
     model: &M,
@@ -856,24 +870,41 @@ fn sft_step<M: TrainableModel>(
 ) -> Result<StepOutcome> {
     let config = context.config;
     let device = context.device;
-    let mut micro_batches = Vec::with_capacity(config.train.grad_accumulation);
+    // Each micro-batch is split into shards, one per compute thread on the CPU (see
+    // `crate::shards`), each collated (padded) on its own.
+    let mut micro_batches: Vec<Vec<SftBatch>> = Vec::with_capacity(config.train.grad_accumulation);
     for _ in 0..config.train.grad_accumulation {
         let examples = stream.next_items(config.data.on_error, config.train.batch_size, |c| {
             encode_conversation(context.processor, c, config.data.max_length)
         })?;
-        micro_batches.push(SftBatch::collate(&examples, pad_id));
+        let shards = shards_of(context, examples.len());
+        micro_batches.push(
+            shards
+                .into_iter()
+                .map(|rows| SftBatch::collate(&examples[rows], pad_id))
+                .collect(),
+        );
     }
     let normalizer = micro_batches
         .iter()
+        .flatten()
         .map(SftBatch::num_targets)
         .sum::<usize>() as f64;
-    let tokens: usize = micro_batches.iter().map(SftBatch::num_tokens).sum();
+    let tokens: usize = micro_batches
+        .iter()
+        .flatten()
+        .map(SftBatch::num_tokens)
+        .sum();
     let mut loss_sum = 0f64;
-    for batch in &micro_batches {
-        let loss = sft_batch_loss(model, context.processor, batch, normalizer, device)?;
-        loss_sum += loss.clone().into_scalar::<f64>();
-        let grads = loss.backward();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    for shards in &micro_batches {
+        let (losses, grads) =
+            sharded_gradients(model, device, shards.iter().collect(), |m, batch| {
+                let loss = sft_batch_loss(m, context.processor, batch, normalizer, device)?;
+                let value = loss.clone().into_scalar::<f64>();
+                Ok((loss, value))
+            })?;
+        loss_sum += losses.iter().sum::<f64>();
+        accumulator.accumulate(model, grads);
     }
     Ok(StepOutcome {
         loss: loss_sum,
@@ -905,21 +936,45 @@ fn dpo_step<M: TrainableModel>(
                 config.data.max_prompt_length,
             )
         })?;
-        let out = preference_batch_loss(
-            model,
-            reference,
-            pairs,
-            context,
-            context.device,
-            pad_id,
-            (total_pairs, accumulation),
-        )?;
-        tokens += out.tokens;
-        let loss = out.loss;
-        loss_sum += loss.clone().into_scalar::<f64>();
-        add_weighted(&mut metric_sums, out.metrics, |v| v / accumulation as f64);
-        let grads = loss.backward();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        // A loss that is a mean over pairs (DPO and its variants) runs in shards, one per
+        // compute thread on the CPU (`crate::shards`), the shards' metrics (means over their
+        // pairs) weighted by their share of the pairs. KTO's KL rows pair completions across
+        // the whole micro-batch, RPO's NLL is a token mean over it, and SimPO / ORPO normalise
+        // over it: those keep the micro-batch whole.
+        let shardable = config.method.name == Method::Dpo && config.method.rpo_alpha.is_none();
+        let count = pairs.len();
+        let ranges = if shardable {
+            shards_of(context, count)
+        } else {
+            shard_ranges(count, 1)
+        };
+        let mut rest = pairs.into_iter();
+        let shards: Vec<Vec<crate::dpo::PairExample>> = ranges
+            .iter()
+            .map(|r| rest.by_ref().take(r.len()).collect())
+            .collect();
+        let (outs, grads) = sharded_gradients(model, context.device, shards, |m, shard| {
+            let share = shard.len() as f64 / count.max(1) as f64;
+            let out = preference_batch_loss(
+                m,
+                reference,
+                shard,
+                context,
+                context.device,
+                pad_id,
+                (total_pairs, accumulation),
+            )?;
+            let value = out.loss.clone().into_scalar::<f64>();
+            Ok((out.loss, (value, out.metrics, out.tokens, share)))
+        })?;
+        for (value, metrics, shard_tokens, share) in outs {
+            tokens += shard_tokens;
+            loss_sum += value;
+            add_weighted(&mut metric_sums, metrics, |v| {
+                v * share / accumulation as f64
+            });
+        }
+        accumulator.accumulate(model, grads);
     }
     Ok(StepOutcome {
         loss: loss_sum,

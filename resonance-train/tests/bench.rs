@@ -101,11 +101,15 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
     // 2 rows × (BOS + 25 image tokens + 3 prompt + 8 completion tokens).
     assert_eq!(sft["tokens_per_step"], json!(2 * (1 + 25 + 3 + COMPLETION)));
     assert_eq!(sft["kind"], json!("sft"));
-    assert_eq!(sft["vision_tower_calls_per_step"], json!(1));
+    // The rows run in shards, one per compute thread (at most one per row), each encoding
+    // its own images once.
+    let shards = sft["shards"].as_u64().unwrap();
+    assert!((1..=2).contains(&shards), "{shards} shards");
+    assert_eq!(sft["vision_tower_calls_per_step"], json!(shards));
     let phases = sft["phases_median_s"].as_object().unwrap();
     assert_eq!(
         phases.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["forward_loss", "backward", "optimizer"]
+        ["forward_backward", "optimizer"]
     );
 
     // The SFT loss (autodiff device, TrainableModel::forward_inputs + sft_loss) is the mean NLL
@@ -124,7 +128,10 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
     // DPO with fresh adapters (B = 0): policy = reference, loss = ln 2; LoRA only on the LM.
     assert!((f(dpo, "loss_first") - std::f64::consts::LN_2).abs() < 1e-6);
     assert_eq!(dpo["lora_layers"], json!(2 * 7));
-    assert_eq!(dpo["vision_tower_calls_per_step"], json!(2));
+    // Per shard of pairs: one encoding for the policy, one for the reference.
+    let dpo_shards = dpo["shards"].as_u64().unwrap();
+    assert!((1..=2).contains(&dpo_shards), "{dpo_shards} shards");
+    assert_eq!(dpo["vision_tower_calls_per_step"], json!(2 * dpo_shards));
     assert_eq!(dpo["images_encoded_per_step"], json!(4));
     // Each pair's BOS, image and prompt run once, then both answers: 2 × (1 + 25 + 3 + 2 · 8)
     // decoder positions instead of 4 × 37.

@@ -169,11 +169,13 @@ fn each_image_is_encoded_once_per_pair() {
         let before = vision_tower_calls();
         let summary = run(&cfg);
         let calls = vision_tower_calls() - before;
-        // One policy encoding (+ one reference encoding) of the batch's images per step; encoding
-        // chosen and rejected separately would double it.
+        // One policy encoding (+ one reference encoding) of the images per step and shard (the
+        // pairs run in shards, one per compute thread, each encoding its own pairs' images);
+        // encoding chosen and rejected separately would double it.
+        let shards = resonance_train::shards::shard_count(&Device::flex(), 2) as u64;
         assert_eq!(
             calls as u64,
-            summary.global_step * (1 + reference_passes),
+            summary.global_step * shards * (1 + reference_passes),
             "{extra}"
         );
     }

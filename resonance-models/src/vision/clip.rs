@@ -355,6 +355,18 @@ pub fn vision_tower_calls() -> usize {
     VISION_TOWER_CALLS.with(std::cell::Cell::get)
 }
 
+/// Work run on other threads on behalf of one (the shards of a batch) counts its encodings
+/// from zero with this and hands them to the calling thread with [`add_vision_tower_calls`]:
+/// returns the calling thread's count and sets it to `to`.
+pub fn replace_vision_tower_calls(to: usize) -> usize {
+    VISION_TOWER_CALLS.with(|calls| calls.replace(to))
+}
+
+/// Adds `n` encodings to the calling thread's count.
+pub fn add_vision_tower_calls(n: usize) {
+    VISION_TOWER_CALLS.with(|calls| calls.set(calls.get() + n));
+}
+
 impl LinearLayers for ClipVisionModel {
     fn visit_linears(&mut self, prefix: &str, visit: &mut dyn FnMut(&str, &mut Linear)) {
         let layers = join(&join(&join(prefix, "vision_model"), "encoder"), "layers");
