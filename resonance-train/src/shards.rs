@@ -10,7 +10,8 @@
 //! step from 9.1-9.3 s to 8.6-8.9 s (`docs/PERFORMANCE.md`).
 //!
 //! A loss can be sharded when it is a sum over rows (each shard normalised by the whole batch's
-//! count): SFT's token-averaged cross-entropy, the pair losses of DPO and its variants. The
+//! count): SFT's token-averaged cross-entropy, the pair losses of DPO and its variants, SimPO's
+//! mean (weighted by the shard's share of the pairs). The
 //! shards' gradients are added in shard order and the shard boundaries depend only on the row
 //! and thread counts, so a run is reproducible on the same machine; the bits differ from the
 //! unsharded batch by float rounding (the sums run in a different order).

@@ -936,12 +936,16 @@ fn dpo_step<M: TrainableModel>(
                 config.data.max_prompt_length,
             )
         })?;
-        // A loss that is a mean over pairs (DPO and its variants) runs in shards, one per
-        // compute thread on the CPU (`crate::shards`), the shards' metrics (means over their
-        // pairs) weighted by their share of the pairs. KTO's KL rows pair completions across
-        // the whole micro-batch, RPO's NLL is a token mean over it, and SimPO / ORPO normalise
-        // over it: those keep the micro-batch whole.
-        let shardable = config.method.name == Method::Dpo && config.method.rpo_alpha.is_none();
+        // A loss that is a sum or mean over pairs (DPO and its variants, SimPO) runs in shards,
+        // one per compute thread on the CPU (`crate::shards`): DPO's shard losses are already
+        // divided by the whole batch's pairs, SimPO's means over a shard's pairs are weighted by
+        // its share of them, as are the shards' metrics (means over their pairs). KTO's KL rows
+        // pair completions across the whole micro-batch, RPO's NLL is a token mean over it, and
+        // ORPO's NLL too: those keep the micro-batch whole.
+        let method = config.method.name;
+        let shardable =
+            matches!(method, Method::Dpo | Method::Simpo) && config.method.rpo_alpha.is_none();
+        let mean_over_shard = method == Method::Simpo;
         let count = pairs.len();
         let ranges = if shardable {
             shards_of(context, count)
@@ -964,8 +968,13 @@ fn dpo_step<M: TrainableModel>(
                 pad_id,
                 (total_pairs, accumulation),
             )?;
-            let value = out.loss.clone().into_scalar::<f64>();
-            Ok((out.loss, (value, out.metrics, out.tokens, share)))
+            let loss = if mean_over_shard {
+                out.loss.mul_scalar(share)
+            } else {
+                out.loss
+            };
+            let value = loss.clone().into_scalar::<f64>();
+            Ok((loss, (value, out.metrics, out.tokens, share)))
         })?;
         for (value, metrics, shard_tokens, share) in outs {
             tokens += shard_tokens;

@@ -545,3 +545,41 @@ fn preference_evaluation_reports_the_method_loss_and_metrics() {
         assert!(line["eval_rewards/accuracies"].is_number());
     }
 }
+
+/// A batch's DPO and SimPO loss and metrics are the means over its pairs, whether the pairs run
+/// together or in shards on separate threads (`resonance_train::shards`; with two or more
+/// compute threads the batch of 4 runs as shards): the first step of a batch of 4 equals the
+/// mean of the first 4 single-pair steps taken with a learning rate too small to move anything.
+#[test]
+fn a_batch_loss_is_the_mean_of_its_pairs_losses_in_shards_or_not() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/demo/dpo/pairs.jsonl");
+    for method in ["dpo", "simpo"] {
+        let first_steps = |batch: usize, steps: u64| {
+            let out = dir.path().join(format!("{method}-{batch}"));
+            let mut cfg = config(&data, &out, &format!("max_steps = {steps}"));
+            cfg.apply_override(&format!("method.name={method}"))
+                .unwrap();
+            cfg.apply_override("optim.lr=1e-12").unwrap();
+            cfg.train.batch_size = batch;
+            cfg.validate().unwrap();
+            run(&cfg);
+            metrics(&out)
+        };
+        let whole = first_steps(4, 1);
+        let single = first_steps(1, 4);
+        for key in ["loss", "rewards/margins", "rewards/accuracies"] {
+            let batch = whole[0][key].as_f64().unwrap();
+            let mean = single[..4]
+                .iter()
+                .map(|m| m[key].as_f64().unwrap())
+                .sum::<f64>()
+                / 4.0;
+            assert!(
+                (batch - mean).abs() <= 1e-5 * mean.abs().max(1.0),
+                "{method} {key}: batch {batch} against the mean of its pairs {mean}"
+            );
+        }
+    }
+}
