@@ -479,6 +479,50 @@ fn completion_targets(rows: &[Vec<u32>], start: usize) -> Vec<Vec<(usize, u32)>>
         .collect()
 }
 
+/// One shard of a training batch, built once before the timed steps: the rows of its images
+/// (`pixels`), its token rows, their mask, the head's positions and the renumbered targets
+/// ([`compact_targets`]), and each row's completion length.
+struct ShardRows {
+    pixels: std::ops::Range<usize>,
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<bool>>,
+    positions: Vec<Vec<usize>>,
+    targets: Vec<Vec<(usize, u32)>>,
+    lengths: Vec<f32>,
+}
+
+impl ShardRows {
+    /// The rows `rows` of a batch (`ids`, `mask`, `targets` indexed by row) whose images are
+    /// the rows `pixels` of [`Inputs::pixels`].
+    fn new(
+        pixels: std::ops::Range<usize>,
+        rows: &[usize],
+        ids: &[Vec<u32>],
+        mask: &[Vec<bool>],
+        targets: &[Vec<(usize, u32)>],
+    ) -> Self {
+        let targets: Vec<Vec<(usize, u32)>> = rows.iter().map(|&r| targets[r].clone()).collect();
+        let lengths = targets.iter().map(|t| t.len() as f32).collect();
+        let (positions, targets) = compact_targets(&targets);
+        ShardRows {
+            pixels,
+            ids: rows.iter().map(|&r| ids[r].clone()).collect(),
+            mask: rows.iter().map(|&r| mask[r].clone()).collect(),
+            positions,
+            targets,
+            lengths,
+        }
+    }
+
+    fn inputs(&self, pixels: Tensor<4>) -> ModelInputs<'_> {
+        ModelInputs {
+            input_ids: &self.ids,
+            attention_mask: &self.mask,
+            pixel_values: Some(pixels),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Analytic FLOPs (bench/README.md; the same formulas as bench/reference.py)
 
@@ -827,7 +871,13 @@ pub fn run_workload(
                     .into(),
             );
             let tokens = b * ids[0].len();
-            let shards = shard_ranges(b, shard_count(&device, b));
+            let shards: Vec<ShardRows> = shard_ranges(b, shard_count(&device, b))
+                .into_iter()
+                .map(|range| {
+                    let rows: Vec<usize> = range.clone().collect();
+                    ShardRows::new(range, &rows, &ids, &mask, &targets)
+                })
+                .collect();
             if shards.len() > 1 {
                 notes.push(format!(
                     "the batch's rows in {} shards, one per compute thread, each forward and \
@@ -843,19 +893,15 @@ pub fn run_workload(
                     .ok_or_else(|| input_error("the model was lost in a failed step"))?;
                 let mut t = Instant::now();
                 let (losses, grads) =
-                    sharded_gradients(&m, &device, shards.clone(), |replica, rows| {
-                        let (positions, targets) = compact_targets(&targets[rows.clone()]);
+                    sharded_gradients(&m, &device, shards.iter().collect(), |replica, shard| {
+                        let pixels = inputs.pixels_of(shard.pixels.clone(), &device);
                         let logits = replica.target_logits(
-                            ModelInputs {
-                                input_ids: &ids[rows.clone()],
-                                attention_mask: &mask[rows.clone()],
-                                pixel_values: Some(inputs.pixels_of(rows, &device)),
-                            },
+                            shard.inputs(pixels),
                             1,
-                            &positions,
+                            &shard.positions,
                             &device,
                         )?;
-                        let loss = sft_loss(logits, &targets, normalizer);
+                        let loss = sft_loss(logits, &shard.targets, normalizer);
                         let value = loss.clone().into_scalar::<f64>();
                         Ok((loss, value))
                     })?;
@@ -886,7 +932,6 @@ pub fn run_workload(
                 .collect();
             let mask = vec![vec![true; ids[0].len()]; ids.len()];
             let targets = completion_targets(&ids, inputs.prompt_len(w.prompt_text_tokens));
-            let lengths: Vec<f32> = targets.iter().map(|t| t.len() as f32).collect();
             let experiment = experiment_config(&w, spec.seed);
             device.seed(spec.seed);
             let adapted = attach_lora(&mut model, &experiment, &device)?;
@@ -935,7 +980,17 @@ pub fn run_workload(
                  dpo::pair_loss, backward, the trainer's AdamW",
                 2 * pairs
             ));
-            let shards = shard_ranges(pairs, shard_count(&device, pairs));
+            // A shard's rows: its pairs' chosen rows, then their rejected rows.
+            let shards: Vec<ShardRows> = shard_ranges(pairs, shard_count(&device, pairs))
+                .into_iter()
+                .map(|range| {
+                    let rows: Vec<usize> = range
+                        .clone()
+                        .chain(range.clone().map(|i| pairs + i))
+                        .collect();
+                    ShardRows::new(range, &rows, &ids, &mask, &targets)
+                })
+                .collect();
             if shards.len() > 1 {
                 notes.push(format!(
                     "the pairs in {} shards, one per compute thread, each forward (policy and \
@@ -944,13 +999,6 @@ pub fn run_workload(
                 ));
             }
             extra.insert("shards".into(), json!(shards.len()));
-            // A shard's rows: its pairs' chosen rows, then their rejected rows.
-            let rows_of = move |range: &std::ops::Range<usize>| -> Vec<usize> {
-                range
-                    .clone()
-                    .chain(range.clone().map(|i| pairs + i))
-                    .collect()
-            };
             let mut model = Some(model);
             let step: StepFn = Box::new(move || {
                 let m = model
@@ -958,33 +1006,30 @@ pub fn run_workload(
                     .ok_or_else(|| input_error("the model was lost in a failed step"))?;
                 let mut t = Instant::now();
                 let (losses, grads) =
-                    sharded_gradients(&m, &device, shards.clone(), |replica, range| {
-                        let rows = rows_of(&range);
-                        let ids: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r].clone()).collect();
-                        let mask: Vec<Vec<bool>> = rows.iter().map(|&r| mask[r].clone()).collect();
-                        let targets: Vec<Vec<(usize, u32)>> =
-                            rows.iter().map(|&r| targets[r].clone()).collect();
-                        let lengths: Vec<f32> = rows.iter().map(|&r| lengths[r]).collect();
-                        let (positions, targets) = compact_targets(&targets);
-                        let batch = |pixels| ModelInputs {
-                            input_ids: &ids,
-                            attention_mask: &mask,
-                            pixel_values: Some(pixels),
-                        };
-                        let pixels = inputs.pixels_of(range.clone(), &device);
-                        let policy_logits =
-                            replica.target_logits(batch(pixels), 2, &positions, &device)?;
-                        let policy = sequence_logps(policy_logits, &targets);
+                    sharded_gradients(&m, &device, shards.iter().collect(), |replica, shard| {
+                        let pixels = inputs.pixels_of(shard.pixels.clone(), &device);
+                        let policy_logits = replica.target_logits(
+                            shard.inputs(pixels),
+                            2,
+                            &shard.positions,
+                            &device,
+                        )?;
+                        let policy = sequence_logps(policy_logits, &shard.targets);
                         let reference = {
                             let _off = AdaptersDisabled::new();
                             let frozen = replica.valid();
-                            let pixels = inputs.pixels_of(range.clone(), &plain);
-                            let logits =
-                                frozen.target_logits(batch(pixels), 2, &positions, &plain)?;
-                            let values = sequence_logps(logits, &targets);
+                            let pixels = inputs.pixels_of(shard.pixels.clone(), &plain);
+                            let logits = frozen.target_logits(
+                                shard.inputs(pixels),
+                                2,
+                                &shard.positions,
+                                &plain,
+                            )?;
+                            let values = sequence_logps(logits, &shard.targets);
                             Tensor::<1>::from_data(values.into_data(), &device)
                         };
-                        let (out, _) = pair_loss(policy, reference, None, &lengths, &loss_configs)?;
+                        let (out, _) =
+                            pair_loss(policy, reference, None, &shard.lengths, &loss_configs)?;
                         let loss = out.losses.sum().div_scalar(pairs as f64);
                         let value = loss.clone().into_scalar::<f64>();
                         Ok((loss, value))

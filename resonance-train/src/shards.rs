@@ -11,12 +11,13 @@
 //!
 //! A loss can be sharded when it is a sum over rows (each shard normalised by the whole batch's
 //! count): SFT's token-averaged cross-entropy, the pair losses of DPO and its variants, SimPO's
-//! mean (weighted by the shard's share of the pairs). The
-//! shards' gradients are added in shard order and the shard boundaries depend only on the row
-//! and thread counts, so a run is reproducible on the same machine; the bits differ from the
-//! unsharded batch by float rounding (the sums run in a different order).
+//! mean (weighted by the shard's share of the pairs). The shards' gradients are added in shard
+//! order and the shard boundaries depend only on the row and thread counts, so a run is
+//! reproducible on the same machine; the bits differ from the unsharded batch by float rounding
+//! (the sums run in a different order).
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -34,13 +35,27 @@ pub fn shard_count(device: &Device, rows: usize) -> usize {
     if !cpu || rows < 2 {
         return 1;
     }
-    let limit = match std::env::var("RESONANCE_SHARDS") {
-        Ok(v) => v.trim().parse::<usize>().ok().filter(|&n| n > 0),
-        Err(_) => None,
-    };
     rayon::current_num_threads()
-        .min(limit.unwrap_or(usize::MAX))
+        .min(shard_limit().unwrap_or(usize::MAX))
         .clamp(1, rows)
+}
+
+/// `RESONANCE_SHARDS`, read once: a positive number caps the shards; any other value is
+/// ignored, with a warning that names it.
+fn shard_limit() -> Option<usize> {
+    static LIMIT: OnceLock<Option<usize>> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let value = std::env::var("RESONANCE_SHARDS").ok()?;
+        match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                tracing::warn!(
+                    "RESONANCE_SHARDS={value:?} is not a positive number of shards; ignored"
+                );
+                None
+            }
+        }
+    })
 }
 
 /// `rows` split into `shards` contiguous ranges whose lengths differ by at most one (the first
