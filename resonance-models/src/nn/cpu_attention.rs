@@ -3,8 +3,9 @@
 //! flex's own kernel scores every query against every key and runs a scalar softmax with libm's
 //! `expf` over the whole square, masked half included; in the benchmark that was a fifth of a
 //! forward pass. This kernel works on blocks of queries: it finds the keys the block can see (for a
-//! causal mask, the keys up to the block's last query), multiplies only those (`gemm`, the same
-//! crate flex uses), and computes the exponentials with a branch-free polynomial the compiler
+//! causal mask, the keys up to the block's last query; for the rejected answer of a packed
+//! preference pair, the shared prefix and the answer itself, not the chosen answer between them),
+//! multiplies only those, and computes the exponentials with a branch-free polynomial the compiler
 //! vectorises. Queries that see no key get zeros, as flex's kernel gives them.
 
 use burn::tensor::{DType, TensorData};
@@ -376,78 +377,88 @@ impl Head<'_> {
     fn attend(&self, out: &mut [f32], mask: Option<(&MaskView, usize, usize)>) {
         let queries = out.len() / self.value_dim;
         let mut scores = vec![0.0f32; QUERY_BLOCK.min(queries) * self.keys];
+        let mut runs = KeyRuns::default();
         for first in (0..queries).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(queries - first);
             let block_out = &mut out[first * self.value_dim..(first + rows) * self.value_dim];
-            let Some((lo, span)) = self.probabilities(first, rows, &mut scores, mask) else {
+            if !self.probabilities(first, rows, &mut scores, &mut runs, mask) {
                 block_out.fill(0.0);
                 continue;
-            };
-            // out[block] = P · V[lo..hi]
-            // SAFETY: `rows × span` of P, V rows `lo..lo + span` (checked extent), `rows ×
-            // value_dim` of out.
-            unsafe {
-                product_into(
-                    block_out.as_mut_ptr(),
-                    self.value_dim,
-                    false,
-                    Operand::row_major(&scores, rows, span),
-                    self.v.rows(lo, span, self.value_dim),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
+            }
+            // out[block] = Σ over runs of P[:, run] · V[run]
+            for (index, run) in runs.runs.iter().enumerate() {
+                // SAFETY: `rows × runs.total` of P hold the run's columns, V rows `run.key..
+                // run.key + run.len` lie inside its buffer (checked extent), `rows ×
+                // value_dim` of out.
+                unsafe {
+                    product_into(
+                        block_out.as_mut_ptr(),
+                        self.value_dim,
+                        index > 0,
+                        runs.columns(&scores, rows, run),
+                        self.v.rows(run.key, run.len, self.value_dim),
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
         }
     }
 
     /// The probabilities of queries `first..first + rows` over the keys the block may see, into
-    /// `scores` as a `rows × span` matrix; returns `(lo, span)`, the block's first visible key
-    /// and how many follow, or `None` when the block sees no key at all. Forward and backward
-    /// passes share it, so the backward pass differentiates exactly the forward's numbers.
+    /// `scores` as a `rows × runs.total` matrix whose columns are the keys of `runs` (planned
+    /// here) one run after another; `false` when the block sees no key at all. Forward and
+    /// backward passes share it, so the backward pass differentiates exactly the forward's
+    /// numbers.
     fn probabilities(
         &self,
         first: usize,
         rows: usize,
         scores: &mut [f32],
+        runs: &mut KeyRuns,
         mask: Option<(&MaskView, usize, usize)>,
-    ) -> Option<(usize, usize)> {
+    ) -> bool {
         let rows_of = |i: usize| mask.map(|(m, b, h)| m.row(b, h, first + i, self.keys));
-        let (lo, hi) = match mask {
-            None => (0, self.keys),
-            Some(_) => (0..rows)
-                .filter_map(|i| visible_span(rows_of(i).unwrap_or(&[])))
-                .fold((self.keys, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
-        };
-        if lo >= hi {
-            return None;
+        match mask {
+            None => runs.whole(self.keys),
+            Some(_) => runs.plan((0..rows).filter_map(rows_of)),
         }
-        let span = hi - lo;
-        let block_scores = &mut scores[..rows * span];
-        // scores = scale · Q[block] · K[lo..hi]ᵀ
-        // SAFETY: Q rows `first..first + rows` and K rows `lo..hi` lie inside their buffers
-        // (`StridedTensor::new` checked the whole extent); scores hold `rows × span`.
-        unsafe {
-            product_into(
-                block_scores.as_mut_ptr(),
-                span,
-                false,
-                self.q.rows(first, rows, self.dim),
-                self.k.rows(lo, span, self.dim).transposed(),
-                self.scale,
-                gemm::Parallelism::None,
-            );
+        if runs.total == 0 {
+            return false;
+        }
+        let total = runs.total;
+        let block_scores = &mut scores[..rows * total];
+        // scores[:, run] = scale · Q[block] · K[run]ᵀ
+        for run in &runs.runs {
+            // SAFETY: Q rows `first..first + rows` and K rows of the run lie inside their
+            // buffers (`StridedTensor::new` checked the whole extent); the run's columns of
+            // `rows × total` scores.
+            unsafe {
+                product_into(
+                    block_scores[run.column..].as_mut_ptr(),
+                    total,
+                    false,
+                    self.q.rows(first, rows, self.dim),
+                    self.k.rows(run.key, run.len, self.dim).transposed(),
+                    self.scale,
+                    gemm::Parallelism::None,
+                );
+            }
         }
         wide!({
-            for (i, row) in block_scores.chunks_exact_mut(span).enumerate() {
+            for (i, row) in block_scores.chunks_exact_mut(total).enumerate() {
                 if let Some(hidden) = rows_of(i) {
-                    for (s, &m) in row.iter_mut().zip(&hidden[lo..hi]) {
-                        *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                    for run in &runs.runs {
+                        let columns = &mut row[run.column..run.column + run.len];
+                        for (s, &m) in columns.iter_mut().zip(&hidden[run.key..run.key + run.len]) {
+                            *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                        }
                     }
                 }
                 softmax_in_place(row);
             }
         });
-        Some((lo, span))
+        true
     }
 
     /// One head's gradients, flash attention's backward pass block by block: with P recomputed,
@@ -469,44 +480,49 @@ impl Head<'_> {
         let block = QUERY_BLOCK.min(queries);
         let mut probs = vec![0.0f32; block * self.keys];
         let mut grad_scores = vec![0.0f32; block * self.keys];
+        let mut runs = KeyRuns::default();
         for first in (0..queries).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(queries - first);
             let block_grad_query = &mut grad_query[first * self.dim..(first + rows) * self.dim];
-            let Some((lo, span)) = self.probabilities(first, rows, &mut probs, mask) else {
+            if !self.probabilities(first, rows, &mut probs, &mut runs, mask) {
                 block_grad_query.fill(0.0);
                 continue;
-            };
-            let probs = &probs[..rows * span];
-            let grad_scores = &mut grad_scores[..rows * span];
-            // SAFETY (all four products): P and dS hold `rows × span`; Q, dO rows `first..first
-            // + rows` and K, V rows `lo..lo + span` lie inside their buffers (checked extents);
-            // the destinations hold `span` rows of dK/dV from `lo` and `rows` rows of dQ.
-            unsafe {
-                // dV[lo..hi] += Pᵀ · dO[block]
-                product_into(
-                    grad_value[lo * self.value_dim..].as_mut_ptr(),
-                    self.value_dim,
-                    true,
-                    Operand::row_major(probs, rows, span).transposed(),
-                    grad_output.rows(first, rows, self.value_dim),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
-                // dP = dO[block] · V[lo..hi]ᵀ
-                product_into(
-                    grad_scores.as_mut_ptr(),
-                    span,
-                    false,
-                    grad_output.rows(first, rows, self.value_dim),
-                    self.v.rows(lo, span, self.value_dim).transposed(),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
+            }
+            let total = runs.total;
+            let probs = &probs[..rows * total];
+            let grad_scores = &mut grad_scores[..rows * total];
+            // SAFETY (all products): P and dS hold `rows × total`, a run's columns among them;
+            // Q, dO rows `first..first + rows` and K, V rows of a run lie inside their buffers
+            // (checked extents); the destinations hold a run's rows of dK/dV and `rows` rows of
+            // dQ.
+            for run in &runs.runs {
+                unsafe {
+                    // dV[run] += P[:, run]ᵀ · dO[block]
+                    product_into(
+                        grad_value[run.key * self.value_dim..].as_mut_ptr(),
+                        self.value_dim,
+                        true,
+                        runs.columns(probs, rows, run).transposed(),
+                        grad_output.rows(first, rows, self.value_dim),
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
+                    // dP[:, run] = dO[block] · V[run]ᵀ
+                    product_into(
+                        grad_scores[run.column..].as_mut_ptr(),
+                        total,
+                        false,
+                        grad_output.rows(first, rows, self.value_dim),
+                        self.v.rows(run.key, run.len, self.value_dim).transposed(),
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
             wide!({
                 for (i, (grad_row, prob_row)) in grad_scores
-                    .chunks_exact_mut(span)
-                    .zip(probs.chunks_exact(span))
+                    .chunks_exact_mut(total)
+                    .zip(probs.chunks_exact(total))
                     .enumerate()
                 {
                     let row_dot = (0..self.value_dim)
@@ -517,29 +533,131 @@ impl Head<'_> {
                     }
                 }
             });
-            unsafe {
-                // dQ[block] = dS · K[lo..hi]
-                product_into(
-                    block_grad_query.as_mut_ptr(),
-                    self.dim,
-                    false,
-                    Operand::row_major(grad_scores, rows, span),
-                    self.k.rows(lo, span, self.dim),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
-                // dK[lo..hi] += dSᵀ · Q[block]
-                product_into(
-                    grad_key[lo * self.dim..].as_mut_ptr(),
-                    self.dim,
-                    true,
-                    Operand::row_major(grad_scores, rows, span).transposed(),
-                    self.q.rows(first, rows, self.dim),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
+            for (index, run) in runs.runs.iter().enumerate() {
+                unsafe {
+                    // dQ[block] (+)= dS[:, run] · K[run]
+                    product_into(
+                        block_grad_query.as_mut_ptr(),
+                        self.dim,
+                        index > 0,
+                        runs.columns(grad_scores, rows, run),
+                        self.k.rows(run.key, run.len, self.dim),
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
+                    // dK[run] += dS[:, run]ᵀ · Q[block]
+                    product_into(
+                        grad_key[run.key * self.dim..].as_mut_ptr(),
+                        self.dim,
+                        true,
+                        runs.columns(grad_scores, rows, run).transposed(),
+                        self.q.rows(first, rows, self.dim),
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
         }
+    }
+}
+
+/// A hidden gap of at least this many keys between keys a block sees is left out of the
+/// block's products (a packed row's rejected answer skips the chosen one it may not see); a
+/// shorter gap is scored and masked with the rest, which costs less than splitting the products.
+const MIN_SKIPPED_GAP: usize = 32;
+
+/// Consecutive keys a block of queries scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyRun {
+    /// The first key.
+    key: usize,
+    /// Its column in the block's score matrix.
+    column: usize,
+    len: usize,
+}
+
+/// The keys a block of queries scores, as runs in key order: every key some query of the block
+/// sees, and the hidden gaps shorter than [`MIN_SKIPPED_GAP`] between them. Reused from block to
+/// block.
+#[derive(Debug, Default)]
+struct KeyRuns {
+    runs: Vec<KeyRun>,
+    /// The keys of all runs: the score matrix's width.
+    total: usize,
+    /// Scratch: 1 where every row of the block hides the key.
+    hidden_by_all: Vec<u8>,
+}
+
+impl KeyRuns {
+    /// All `keys` in one run (no mask).
+    fn whole(&mut self, keys: usize) {
+        self.runs.clear();
+        self.total = keys;
+        if keys > 0 {
+            self.runs.push(KeyRun {
+                key: 0,
+                column: 0,
+                len: keys,
+            });
+        }
+    }
+
+    /// The runs of the block whose rows' hidden flags (`1` = hidden) are `rows`.
+    fn plan<'m>(&mut self, rows: impl Iterator<Item = &'m [u8]> + Clone) {
+        self.runs.clear();
+        self.total = 0;
+        let (lo, hi) = rows
+            .clone()
+            .filter_map(visible_span)
+            .fold((usize::MAX, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
+        if lo >= hi {
+            return;
+        }
+        // Keys hidden from every row, between the block's outermost visible keys.
+        self.hidden_by_all.clear();
+        self.hidden_by_all.resize(hi - lo, 1);
+        for row in rows {
+            for (all, &h) in self.hidden_by_all.iter_mut().zip(&row[lo..hi]) {
+                *all &= h;
+            }
+        }
+        // `lo` and `hi - 1` are visible to some row: runs start and end on visible keys.
+        let mut start = lo;
+        let mut key = lo;
+        while key < hi {
+            if self.hidden_by_all[key - lo] == 0 {
+                key += 1;
+                continue;
+            }
+            let gap_start = key;
+            while self.hidden_by_all[key - lo] != 0 {
+                key += 1;
+            }
+            if key - gap_start >= MIN_SKIPPED_GAP {
+                self.push(start, gap_start);
+                start = key;
+            }
+        }
+        self.push(start, hi);
+    }
+
+    fn push(&mut self, first: usize, end: usize) {
+        self.runs.push(KeyRun {
+            key: first,
+            column: self.total,
+            len: end - first,
+        });
+        self.total += end - first;
+    }
+
+    /// A run's columns of the `rows × total` row-major matrix `scores` as a product operand.
+    fn columns(&self, scores: &[f32], rows: usize, run: &KeyRun) -> Operand {
+        debug_assert!(scores.len() >= rows * self.total && run.column + run.len <= self.total);
+        Operand::new(
+            scores[run.column..].as_ptr(),
+            [rows, run.len],
+            [self.total as isize, 1],
+        )
     }
 }
 
@@ -791,6 +909,72 @@ mod tests {
         check_gradients(2, 4, 2, 130, 130, Some(causal(2, 130, 130, &[0, 5], None)));
         check_gradients(2, 6, 2, 3, 90, Some(causal(2, 3, 90, &[3, 0], None)));
         check_gradients(1, 2, 1, 100, 100, Some(causal(1, 100, 100, &[0], Some(16))));
+        // Shared-prefix rows: the rejected answer's queries skip the chosen answer's keys.
+        check_gradients(
+            2,
+            4,
+            2,
+            180,
+            180,
+            Some(packed(&[(40, 70, 60), (20, 20, 30)], 180)),
+        );
+    }
+
+    /// Rows packed as a shared prefix, then a first answer, then a second answer that sees the
+    /// prefix and itself but not the first answer, then padding (`segments`: the three lengths
+    /// of each batch entry).
+    fn packed(segments: &[(usize, usize, usize)], keys: usize) -> Vec<bool> {
+        let mut hidden = Vec::new();
+        for &(prefix, first, second) in segments {
+            for i in 0..keys {
+                for j in 0..keys {
+                    let visible = if i < prefix + first {
+                        j <= i
+                    } else if i < prefix + first + second {
+                        j < prefix || (prefix + first..=i).contains(&j)
+                    } else {
+                        false
+                    };
+                    hidden.push(!visible);
+                }
+            }
+        }
+        hidden
+    }
+
+    #[test]
+    fn key_runs_skip_long_gaps_only() {
+        let plan = |rows: &[Vec<u8>]| {
+            let mut runs = KeyRuns::default();
+            runs.plan(rows.iter().map(|r| r.as_slice()));
+            (
+                runs.runs
+                    .iter()
+                    .map(|r| (r.key, r.column, r.len))
+                    .collect::<Vec<_>>(),
+                runs.total,
+            )
+        };
+        let row = |visible: &[std::ops::Range<usize>]| {
+            let mut hidden = vec![1u8; 200];
+            for range in visible {
+                hidden[range.clone()].fill(0);
+            }
+            hidden
+        };
+        // A gap of 35 hidden from both rows is skipped; the keys one row sees stay.
+        assert_eq!(
+            plan(&[row(&[5..50, 90..100]), row(&[5..55, 95..130])]),
+            (vec![(5, 0, 50), (90, 50, 40)], 90)
+        );
+        // A gap of 31 is kept in.
+        assert_eq!(plan(&[row(&[0..10, 41..50])]), (vec![(0, 0, 50)], 50));
+        assert_eq!(
+            plan(&[row(&[0..10, 42..50])]),
+            (vec![(0, 0, 10), (42, 10, 8)], 18)
+        );
+        // No visible key.
+        assert_eq!(plan(&[row(&[]), row(&[])]), (vec![], 0));
     }
 
     fn causal(
@@ -842,5 +1026,13 @@ mod tests {
         // Decoding one token after a cache, grouped-query heads, a sliding window.
         check(2, 6, 2, 1, 90, Some(causal(2, 1, 90, &[3, 0], None)));
         check(1, 2, 1, 100, 100, Some(causal(1, 100, 100, &[0], Some(16))));
+        check(
+            2,
+            4,
+            2,
+            180,
+            180,
+            Some(packed(&[(40, 70, 60), (20, 20, 30)], 180)),
+        );
     }
 }
