@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
-use crate::registry::{AnyModel, ModelInputs};
+use crate::registry::{AnyModel, Images, ModelInputs};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ pub fn generate(
         ModelInputs {
             input_ids: &ids,
             attention_mask: &mask,
-            pixel_values,
+            images: Images::pixels(pixel_values),
         },
         Some(&mut cache),
         device,
@@ -170,7 +170,7 @@ pub fn generate_greedy_batch(
         ModelInputs {
             input_ids: prompts,
             attention_mask: &mask,
-            pixel_values,
+            images: Images::pixels(pixel_values),
         },
         Some(&mut cache),
         device,

@@ -6,7 +6,7 @@ use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::llava::config::LlavaConfig;
-use crate::llava::model::{Llava, LlavaInputs};
+use crate::llava::model::Llava;
 use crate::llava::weights::load_llava;
 use crate::load::{model_type, read_config};
 use crate::nn::attention::KvCache;
@@ -78,7 +78,27 @@ pub enum AnyModel {
 pub struct ModelInputs<'a> {
     pub input_ids: &'a [Vec<u32>],
     pub attention_mask: &'a [Vec<bool>],
-    pub pixel_values: Option<Tensor<4>>,
+    /// The batch's images in the order their tokens appear, `None` for a text-only batch.
+    pub images: Option<Images>,
+}
+
+/// A batch's images as a forward pass takes them.
+#[derive(Debug, Clone)]
+pub enum Images {
+    /// Preprocessed pixels `[n, channels, height, width]`, which the model encodes.
+    Pixels(Tensor<4>),
+    /// Images the model already encoded: the features `[n, tokens, hidden]`
+    /// [`TrainableModel::encode_images`](crate::trainable::TrainableModel::encode_images) gave.
+    /// A frozen encoder without adapters gives the same features to every forward pass of a
+    /// step (a preference step's policy and reference), so they are computed once.
+    Encoded(Tensor<3>),
+}
+
+impl Images {
+    /// `pixels` as images to encode.
+    pub fn pixels(pixels: Option<Tensor<4>>) -> Option<Images> {
+        pixels.map(Images::Pixels)
+    }
 }
 
 impl AnyModel {
@@ -157,7 +177,7 @@ impl AnyModel {
     ) -> Result<Tensor<3>> {
         match self {
             AnyModel::Text(model, _) => {
-                if inputs.pixel_values.is_some() {
+                if inputs.images.is_some() {
                     return Err(ModelError::Input(
                         "this model is text-only and cannot take images".into(),
                     ));
@@ -165,15 +185,17 @@ impl AnyModel {
                 let embeds = model.embed(inputs.input_ids, device);
                 Ok(model.forward_embeds(embeds, inputs.attention_mask, cache))
             }
-            AnyModel::Llava(model, _) => model.forward(
-                &LlavaInputs {
-                    input_ids: inputs.input_ids,
-                    attention_mask: inputs.attention_mask,
-                    pixel_values: inputs.pixel_values,
-                },
-                cache,
-                device,
-            ),
+            AnyModel::Llava(model, _) => {
+                let features = match inputs.images {
+                    Some(Images::Pixels(pixels)) => Some(model.image_features(pixels)),
+                    Some(Images::Encoded(features)) => Some(features),
+                    None => None,
+                };
+                let embeds = model.embeddings_with_features(inputs.input_ids, features, device)?;
+                Ok(model
+                    .language_model
+                    .forward_embeds(embeds, inputs.attention_mask, cache))
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::llava::model::Llava;
 use crate::nn::attention::PackedLayout;
 use crate::nn::linear::LinearLayers;
 use crate::packing::SharedPrefixPacking;
-use crate::registry::ModelInputs;
+use crate::registry::{Images, ModelInputs};
 use crate::text::model::{CausalLm, DecoderInputs};
 
 /// The parts of a vision-language model that are frozen, trained or adapted separately.
@@ -75,7 +75,7 @@ pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
         let packed = ModelInputs {
             input_ids: &packing.input_ids,
             attention_mask: &packing.attention_mask,
-            pixel_values: inputs.pixel_values,
+            images: inputs.images,
         };
         let layout = Some(&packing.layout);
         match outputs {
@@ -103,6 +103,10 @@ pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
 
     /// The token id whose positions take image features, for a multimodal model.
     fn image_token_id(&self) -> Option<u32>;
+
+    /// The features `[n, tokens, hidden]` the decoder takes for the images `pixels`, to pass as
+    /// [`Images::Encoded`] to several forward passes; an error for a text-only model.
+    fn encode_images(&self, pixels: Tensor<4>) -> Result<Tensor<3>>;
 
     /// This architecture's model out of a loaded checkpoint, or `None` for another architecture.
     fn from_any(model: crate::registry::AnyModel) -> Option<Self>;
@@ -165,6 +169,10 @@ pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
     fn module_renames() -> Vec<(&'static str, &'static str)>;
 }
 
+fn text_only() -> ModelError {
+    ModelError::Input("this model is text-only and cannot take images".into())
+}
+
 /// The decoder's inputs for rows as they are or packed.
 fn decoder_inputs<'a>(
     attention_mask: &'a [Vec<bool>],
@@ -215,10 +223,8 @@ impl TrainableModel for CausalLm {
         outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>> {
-        if inputs.pixel_values.is_some() {
-            return Err(ModelError::Input(
-                "this model is text-only and cannot take images".into(),
-            ));
+        if inputs.images.is_some() {
+            return Err(text_only());
         }
         let embeds = self.embed(inputs.input_ids, device);
         let inputs = decoder_inputs(inputs.attention_mask, packed, outputs);
@@ -227,6 +233,10 @@ impl TrainableModel for CausalLm {
 
     fn image_token_id(&self) -> Option<u32> {
         None
+    }
+
+    fn encode_images(&self, _pixels: Tensor<4>) -> Result<Tensor<3>> {
+        Err(text_only())
     }
 
     fn from_any(model: crate::registry::AnyModel) -> Option<Self> {
@@ -283,8 +293,11 @@ impl TrainableModel for Llava {
         outputs: Option<&[Vec<usize>]>,
         device: &Device,
     ) -> Result<Tensor<3>> {
-        let features = inputs.pixel_values.map(|pixels| {
-            let once = self.image_features(pixels);
+        let features = inputs.images.map(|images| {
+            let once = match images {
+                Images::Pixels(pixels) => self.image_features(pixels),
+                Images::Encoded(features) => features,
+            };
             Tensor::cat(vec![once; copies.max(1)], 0)
         });
         let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
@@ -294,6 +307,10 @@ impl TrainableModel for Llava {
 
     fn image_token_id(&self) -> Option<u32> {
         Some(self.settings.image_token_id)
+    }
+
+    fn encode_images(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
+        Ok(self.image_features(pixels))
     }
 
     fn from_any(model: crate::registry::AnyModel) -> Option<Self> {

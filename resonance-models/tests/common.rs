@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use safetensors::{Dtype, SafeTensors};
 
 /// The repository's `fixtures/` folder.
@@ -67,7 +67,7 @@ pub fn fixture_logits(
         ModelInputs {
             input_ids: &ids,
             attention_mask: &mask,
-            pixel_values: expected.get("pixel_values").map(|p| tensor4(p, device)),
+            images: Images::pixels(expected.get("pixel_values").map(|p| tensor4(p, device))),
         },
         None,
         device,

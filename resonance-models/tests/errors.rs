@@ -160,7 +160,7 @@ fn half_precision_checkpoint_is_converted_to_f32() {
             resonance_models::registry::ModelInputs {
                 input_ids: &ids,
                 attention_mask: &mask,
-                pixel_values: None,
+                images: None,
             },
             None,
             &device,

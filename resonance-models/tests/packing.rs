@@ -7,7 +7,7 @@ mod common;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use resonance_models::packing::SharedPrefixPacking;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_models::text::model::{select_rows, CausalLm};
 use resonance_models::trainable::TrainableModel;
 
@@ -117,7 +117,7 @@ fn compare<M: TrainableModel>(
     let inputs = |pixel_values| ModelInputs {
         input_ids: ids,
         attention_mask: mask,
-        pixel_values,
+        images: Images::pixels(pixel_values),
     };
     let packed = model
         .hidden_grouped(inputs(pixels.clone()), copies, None, device)
@@ -237,7 +237,7 @@ fn gradients_through_the_shared_prefix_sum_over_the_copies() {
     let inputs = || ModelInputs {
         input_ids: &ids,
         attention_mask: &mask,
-        pixel_values: None,
+        images: None,
     };
     let grads_of = |hidden: Tensor<3>| {
         let grads = (hidden * weights.clone()).sum().backward();
@@ -304,7 +304,7 @@ fn outputs_at_some_positions_give_the_full_gradients() {
     let inputs = || ModelInputs {
         input_ids: &ids,
         attention_mask: &mask,
-        pixel_values: None,
+        images: None,
     };
     let grads_of = |hidden: Tensor<3>| {
         let grads = (hidden * weights.clone()).sum().backward();

@@ -38,7 +38,7 @@ use resonance_models::llava::config::LlavaConfig;
 use resonance_models::llava::model::Llava;
 use resonance_models::nn::linear::{flat_linear, AdaptersDisabled};
 use resonance_models::packing::SharedPrefixPacking;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
 use resonance_models::vision::clip::vision_tower_calls;
 use serde::Deserialize;
@@ -514,11 +514,11 @@ impl ShardRows {
         }
     }
 
-    fn inputs(&self, pixels: Tensor<4>) -> ModelInputs<'_> {
+    fn inputs(&self, images: Images) -> ModelInputs<'_> {
         ModelInputs {
             input_ids: &self.ids,
             attention_mask: &self.mask,
-            pixel_values: Some(pixels),
+            images: Some(images),
         }
     }
 }
@@ -600,8 +600,9 @@ fn lora_flops(c: &LlavaConfig, tokens: usize, r: usize) -> f64 {
 /// The analytic FLOPs of one step. `own = false`: reference.py's formula (the work the PyTorch
 /// side does: every tower layer, the DPO images encoded per sequence and forward, the LM head as
 /// TRL's fused head applies it). `own = true`: the work this implementation does (the tower stops
-/// at the feature layer, DPO encodes each image once per forward and runs the tokens a pair's
-/// rows share once, the training head projects the completion positions only).
+/// at the feature layer, DPO encodes each image once per step for the policy and the reference
+/// and runs the tokens a pair's rows share once, the training head projects the completion
+/// positions only).
 fn analytic_flops(
     c: &LlavaConfig,
     w: &Workload,
@@ -648,12 +649,21 @@ fn analytic_flops(
             let f = forward_flops(c, rows, row_len, images, head, vl);
             let lora = lora_flops(c, rows * row_len, r);
             let policy = f.vision + f.projector + 2.0 * f.lm + 3.5 * f.lm_attn + 3.0 * lora;
-            let reference = f.vision + f.projector + f.lm + f.lm_attn;
-            (
-                policy + reference,
-                "policy: vision + projector + 2 * lm + 3.5 * lm_attn + 3 * lora; reference: \
-                 vision + projector + lm + lm_attn   [over 2 * batch_pairs sequences and images]",
-            )
+            if own {
+                // The reference takes the policy's image features.
+                (
+                    policy + f.lm + f.lm_attn,
+                    "policy: vision + projector + 2 * lm + 3.5 * lm_attn + 3 * lora; reference: \
+                     lm + lm_attn   [images encoded once per pair, for both]",
+                )
+            } else {
+                (
+                    policy + f.vision + f.projector + f.lm + f.lm_attn,
+                    "policy: vision + projector + 2 * lm + 3.5 * lm_attn + 3 * lora; reference: \
+                     vision + projector + lm + lm_attn   [over 2 * batch_pairs sequences and \
+                     images]",
+                )
+            }
         }
         WorkloadKind::Score => {
             let b = w.rows(name)?;
@@ -896,7 +906,7 @@ pub fn run_workload(
                     sharded_gradients(&m, &device, shards.iter().collect(), |replica, shard| {
                         let pixels = inputs.pixels_of(shard.pixels.clone(), &device);
                         let logits = replica.target_logits(
-                            shard.inputs(pixels),
+                            shard.inputs(Images::Pixels(pixels)),
                             1,
                             &shard.positions,
                             &device,
@@ -952,7 +962,7 @@ pub fn run_workload(
                 "parameters_by_dtype".into(),
                 json!(parameters_by_dtype(&table)),
             );
-            extra.insert("images_encoded_per_step".into(), json!(2 * pairs));
+            extra.insert("images_encoded_per_step".into(), json!(pairs));
             let loss_type: DpoLossType = serde_json::from_value(Value::String(
                 w.loss_type.clone().unwrap_or_else(|| "sigmoid".into()),
             ))
@@ -972,13 +982,13 @@ pub fn run_workload(
                 .map_or(tokens, |p| p.packed_positions());
             extra.insert("decoder_positions_per_forward".into(), json!(packed));
             notes.push(format!(
-                "trainer path: target_logits over the pairs (each of the {pairs} images encoded \
-                 once for its chosen and rejected rows; the tokens a pair's rows share run once: \
-                 {packed} decoder positions per forward for {tokens} sequence positions) for the \
-                 policy, and again for the reference (adapters disabled, no autodiff), the LM \
-                 head at the completion positions: {} image encodings per step; sequence_logps, \
-                 dpo::pair_loss, backward, the trainer's AdamW",
-                2 * pairs
+                "trainer path: each of the {pairs} images encoded once per step, its features \
+                 serving the chosen and rejected rows of the policy and of the reference; \
+                 target_logits over the pairs (the tokens a pair's rows share run once: {packed} \
+                 decoder positions per forward for {tokens} sequence positions) for the policy, \
+                 and again for the reference (adapters disabled, no autodiff), the LM head at the \
+                 completion positions; sequence_logps, dpo::pair_loss, backward, the trainer's \
+                 AdamW"
             ));
             // A shard's rows: its pairs' chosen rows, then their rejected rows.
             let shards: Vec<ShardRows> = shard_ranges(pairs, shard_count(&device, pairs))
@@ -1008,8 +1018,11 @@ pub fn run_workload(
                 let (losses, grads) =
                     sharded_gradients(&m, &device, shards.iter().collect(), |replica, shard| {
                         let pixels = inputs.pixels_of(shard.pixels.clone(), &device);
+                        // The tower and projector are frozen and have no adapters: their
+                        // features serve the policy and the reference (the trainer's path).
+                        let features = replica.encode_images(pixels)?;
                         let policy_logits = replica.target_logits(
-                            shard.inputs(pixels),
+                            shard.inputs(Images::Encoded(features.clone())),
                             2,
                             &shard.positions,
                             &device,
@@ -1018,9 +1031,8 @@ pub fn run_workload(
                         let reference = {
                             let _off = AdaptersDisabled::new();
                             let frozen = replica.valid();
-                            let pixels = inputs.pixels_of(shard.pixels.clone(), &plain);
                             let logits = frozen.target_logits(
-                                shard.inputs(pixels),
+                                shard.inputs(Images::Encoded(features.inner())),
                                 2,
                                 &shard.positions,
                                 &plain,
@@ -1130,7 +1142,7 @@ pub fn run_workload(
                     ModelInputs {
                         input_ids: &ids,
                         attention_mask: &mask,
-                        pixel_values: Some(inputs.pixels(b, &device)),
+                        images: Some(Images::Pixels(inputs.pixels(b, &device))),
                     },
                     None,
                     &device,

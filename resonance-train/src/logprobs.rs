@@ -142,7 +142,7 @@ mod tests {
         let inputs = ModelInputs {
             input_ids: &ids,
             attention_mask: &mask,
-            pixel_values: None,
+            images: None,
         };
         let hidden = model.hidden_grouped(inputs, 1, None, &device).unwrap();
         let full = sequence_logps(model.logits(hidden.clone()), &targets);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use resonance_models::processor::Processor;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_models::trainable::TrainableModel;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -171,7 +171,7 @@ pub fn score_records(
             ModelInputs {
                 input_ids: &batch.ids,
                 attention_mask: &batch.mask,
-                pixel_values,
+                images: Images::pixels(pixel_values),
             },
             None,
             device,
@@ -228,7 +228,7 @@ pub fn reward_records(
         let inputs = ModelInputs {
             input_ids: &batch.ids,
             attention_mask: &batch.mask,
-            pixel_values,
+            images: Images::pixels(pixel_values),
         };
         let values = match model {
             AnyModel::Text(m, _) => m.values_grouped(inputs, 1, device)?,
@@ -332,7 +332,7 @@ pub fn pair_reference_logps(
         let inputs = ModelInputs {
             input_ids: &batch.input_ids,
             attention_mask: &batch.attention_mask,
-            pixel_values,
+            images: Images::pixels(pixel_values),
         };
         // The trainer's reference path: the head at the answer positions only.
         let (positions, targets) = crate::logprobs::compact_targets(&batch.targets);

@@ -28,7 +28,7 @@ use resonance_models::load::resolve_model;
 use resonance_models::nn::linear::{AdaptersDisabled, LoraSpec};
 use resonance_models::nn::precision::{cast_params_where, ensure_supported};
 use resonance_models::processor::Processor;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_models::trainable::{Component, TrainableModel};
 use serde_json::json;
 
@@ -575,6 +575,9 @@ where
                 .into(),
         ));
     }
+    let frozen_images = !table.keys().any(|p| {
+        trained(p) && matches!(M::component_of(p), Component::Vision | Component::Projector)
+    });
     let reference = match config.method.name {
         Method::Dpo | Method::Kto if config.method.reference_free => Reference::None,
         Method::Dpo if precomputed => Reference::Precomputed,
@@ -585,14 +588,22 @@ where
                 .as_ref()
                 .map(|r| r.model.as_str())
                 .unwrap_or_default();
-            Reference::Copy(Box::new(load_reference(path, &model, dtype, device)?))
+            Reference::Copy {
+                model: Box::new(load_reference(path, &model, dtype, device)?),
+                shares_images: false,
+            }
         }
         Method::Dpo | Method::Kto
             if !adapted.is_empty() && !table.keys().any(|p| trained(p) && !is_lora_path(p)) =>
         {
-            Reference::AdaptersOff
+            Reference::AdaptersOff {
+                shares_images: frozen_images,
+            }
         }
-        Method::Dpo | Method::Kto => Reference::Copy(Box::new(model.valid())),
+        Method::Dpo | Method::Kto => Reference::Copy {
+            model: Box::new(model.valid()),
+            shares_images: frozen_images,
+        },
         Method::Sft | Method::Simpo | Method::Orpo | Method::Reward => Reference::None,
     };
     let (mut run_seconds, mut run_tokens, mut run_steps) = (0f64, 0usize, 0u64);
@@ -758,12 +769,20 @@ struct StepOutcome {
     metrics: Vec<(&'static str, f64)>,
 }
 
-/// DPO's reference model.
+/// DPO's reference model. `shares_images`: the reference encodes images exactly as the policy
+/// does (the same tower and projector weights, frozen and without adapters), so the policy's
+/// image features serve it and each image is encoded once per step.
 enum Reference<M> {
     None,
-    AdaptersOff,
+    /// The policy with its adapters switched off.
+    AdaptersOff {
+        shares_images: bool,
+    },
     /// A frozen model: the initial policy's weights or `[method.reference] model`.
-    Copy(Box<M>),
+    Copy {
+        model: Box<M>,
+        shares_images: bool,
+    },
     /// Every record carries its reference log-probs (`ref_chosen_logps` / `ref_rejected_logps`).
     Precomputed,
 }
@@ -1049,12 +1068,34 @@ fn preference_batch_loss<M: TrainableModel>(
     let inputs = |pixels| ModelInputs {
         input_ids: &batch.input_ids,
         attention_mask: &batch.attention_mask,
-        pixel_values: pixels,
+        images: pixels,
     };
     // The head runs at the answer positions only; `targets` index those logits.
     let (positions, targets) = crate::logprobs::compact_targets(&batch.targets);
     let pixels = context.processor.pixel_values(&batch.images, device)?;
-    let policy_logits = model.target_logits(inputs(pixels), 2, &positions, device)?;
+    // A reference that encodes images as the policy does takes the policy's features: each
+    // image is encoded once per step (no gradient reaches them, nothing on their way trains).
+    let shares_images = matches!(
+        reference,
+        Reference::AdaptersOff {
+            shares_images: true
+        } | Reference::Copy {
+            shares_images: true,
+            ..
+        }
+    );
+    let policy_images = match pixels {
+        Some(pixels) if shares_images => Some(Images::Encoded(model.encode_images(pixels)?)),
+        pixels => Images::pixels(pixels),
+    };
+    let reference_images = |plain: &Device| -> Result<Option<Images>> {
+        Ok(match &policy_images {
+            Some(Images::Encoded(features)) => Some(Images::Encoded(features.clone().inner())),
+            _ => Images::pixels(context.processor.pixel_values(&batch.images, plain)?),
+        })
+    };
+    let policy_logits =
+        model.target_logits(inputs(policy_images.clone()), 2, &positions, device)?;
     // DDPO: the token weights come from the host-side diff of each pair; the same forward
     // pass gives the plain and the weighted sums (other loss types of a list use the plain).
     let ddpo_weights = ddpo.then(|| batch.ddpo_weights());
@@ -1072,8 +1113,8 @@ fn preference_batch_loss<M: TrainableModel>(
         let (reference_logps, reference_dense) = {
             let plain = device.clone().inner();
             let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
-                let pixels = context.processor.pixel_values(&batch.images, &plain)?;
-                let logits = m.target_logits(inputs(pixels), 2, &positions, &plain)?;
+                let images = reference_images(&plain)?;
+                let logits = m.target_logits(inputs(images), 2, &positions, &plain)?;
                 Ok(crate::logprobs::weighted_sequence_logps(
                     logits,
                     &targets,
@@ -1108,11 +1149,11 @@ fn preference_batch_loss<M: TrainableModel>(
                         &plain,
                     )]
                 }
-                Reference::AdaptersOff => {
+                Reference::AdaptersOff { .. } => {
                     let _off = AdaptersDisabled::new();
                     reference_of(&model.valid())?
                 }
-                Reference::Copy(copy) => reference_of(copy)?,
+                Reference::Copy { model: copy, .. } => reference_of(copy)?,
             };
             let mut values = values
                 .into_iter()
@@ -1210,7 +1251,7 @@ fn ranked_rewards<M: TrainableModel>(
         ModelInputs {
             input_ids: &batch.input_ids,
             attention_mask: &batch.attention_mask,
-            pixel_values: pixels,
+            images: Images::pixels(pixels),
         },
         batch.candidates,
         device,
@@ -1238,7 +1279,7 @@ fn sft_batch_loss<M: TrainableModel>(
         ModelInputs {
             input_ids: &batch.input_ids,
             attention_mask: &batch.attention_mask,
-            pixel_values: pixels,
+            images: Images::pixels(pixels),
         },
         1,
         &positions,

@@ -128,11 +128,11 @@ fn every_workload_kind_runs_one_step_on_the_tiny_model() {
     // DPO with fresh adapters (B = 0): policy = reference, loss = ln 2; LoRA only on the LM.
     assert!((f(dpo, "loss_first") - std::f64::consts::LN_2).abs() < 1e-6);
     assert_eq!(dpo["lora_layers"], json!(2 * 7));
-    // Per shard of pairs: one encoding for the policy, one for the reference.
+    // Per shard of pairs: one encoding, whose features serve the policy and the reference.
     let dpo_shards = dpo["shards"].as_u64().unwrap();
     assert!((1..=2).contains(&dpo_shards), "{dpo_shards} shards");
-    assert_eq!(dpo["vision_tower_calls_per_step"], json!(2 * dpo_shards));
-    assert_eq!(dpo["images_encoded_per_step"], json!(4));
+    assert_eq!(dpo["vision_tower_calls_per_step"], json!(dpo_shards));
+    assert_eq!(dpo["images_encoded_per_step"], json!(2));
     // Each pair's BOS, image and prompt run once, then both answers: 2 × (1 + 25 + 3 + 2 · 8)
     // decoder positions instead of 4 × 37.
     assert_eq!(dpo["tokens_per_step"], json!(4 * (1 + 25 + 3 + COMPLETION)));

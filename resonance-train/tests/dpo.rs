@@ -152,26 +152,33 @@ fn each_image_is_encoded_once_per_pair() {
 "#,
     )
     .unwrap();
-    for (extra, reference_passes) in [
-        // LoRA only: the reference is the policy with adapters off (one more encoding).
+    for (extra, reference_free, reference_passes) in [
+        // LoRA only: the reference is the policy with adapters off, whose tower and projector
+        // are the policy's: it takes the policy's features.
         (
             "max_steps = 2\nfreeze_projector = true\n[lora]\nenabled = true\ndropout = 0.0",
+            false,
+            0,
+        ),
+        // The projector trains: the reference (a frozen copy) encodes with its own.
+        (
+            "max_steps = 2\n[lora]\nenabled = true\ndropout = 0.0",
+            false,
             1,
         ),
         // Reference-free: no reference pass at all.
-        ("max_steps = 2\n", 0),
+        ("max_steps = 2\n", true, 0),
     ] {
         let mut cfg = config(&data, &dir.path().join("run"), extra);
         cfg.train.batch_size = 2;
-        if reference_passes == 0 {
-            cfg.method.reference_free = true;
-        }
+        cfg.method.reference_free = reference_free;
         let before = vision_tower_calls();
         let summary = run(&cfg);
         let calls = vision_tower_calls() - before;
-        // One policy encoding (+ one reference encoding) of the images per step and shard (the
-        // pairs run in shards, one per compute thread, each encoding its own pairs' images);
-        // encoding chosen and rejected separately would double it.
+        // One policy encoding (+ one reference encoding when the reference's encoder is not the
+        // policy's) of the images per step and shard (the pairs run in shards, one per compute
+        // thread, each encoding its own pairs' images); encoding chosen and rejected separately
+        // would double it.
         let shards = resonance_train::shards::shard_count(&Device::flex(), 2) as u64;
         assert_eq!(
             calls as u64,
@@ -475,8 +482,10 @@ fn precomputed_and_named_references_train_like_the_model_they_come_from() {
     let first = losses_of(&shifted_run)[0];
     assert!((first - (1.0 + 0.1f64.exp()).ln()).abs() < 1e-5, "{first}");
 
-    // LoRA: the adapters-off reference, or the same base named in [method.reference].
-    let lora = "max_steps = 4\n[lora]\nenabled = true\nrank = 8\nalpha = 16.0\n";
+    // LoRA: the adapters-off reference (which takes the policy's image features), or the same
+    // base named in [method.reference] (which encodes the images itself).
+    let lora = "max_steps = 4\nfreeze_projector = true\n[lora]\nenabled = true\nrank = 8\n\
+                alpha = 16.0\n";
     let off_run = dir.path().join("off");
     run(&config(&plain_data, &off_run, lora));
     let named_run = dir.path().join("named");

@@ -317,7 +317,7 @@ fn fixture_rewards(model_dir: &Path, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Ve
             ModelInputs {
                 input_ids: ids,
                 attention_mask: mask,
-                pixel_values: None,
+                images: None,
             },
             1,
             &device,

@@ -9,7 +9,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use resonance_models::llava::model::Llava;
 use resonance_models::llava::weights::load_llava;
-use resonance_models::registry::ModelInputs;
+use resonance_models::registry::{Images, ModelInputs};
 use resonance_models::trainable::TrainableModel;
 use resonance_models::vision::clip::vision_tower_calls;
 use resonance_train::logprobs::compact_targets;
@@ -109,7 +109,7 @@ fn shards_give_the_whole_batch_loss_and_gradients() {
                     ModelInputs {
                         input_ids: &ids[rows.clone()],
                         attention_mask: &mask[rows.clone()],
-                        pixel_values: Some(pixels(rows, &device)),
+                        images: Some(Images::Pixels(pixels(rows, &device))),
                     },
                     1,
                     &positions,

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use resonance_core::config::ExperimentConfig;
 use resonance_models::llava::model::Llava;
 use resonance_models::processor::Processor;
-use resonance_models::registry::{AnyModel, ModelInputs};
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_models::trainable::TrainableModel;
 use resonance_train::checkpoint::{attach_peft_adapter, list_checkpoints, read_adapter_config};
 use resonance_train::trainer::{merge_lora, train, Resume, TrainOptions};
@@ -215,7 +215,7 @@ fn logits_of<M: TrainableModel>(model: &M, processor: &Processor, device: &Devic
             ModelInputs {
                 input_ids: std::slice::from_ref(&ids),
                 attention_mask: &[vec![true; ids.len()]],
-                pixel_values: pixels,
+                images: Images::pixels(pixels),
             },
             device,
         )
