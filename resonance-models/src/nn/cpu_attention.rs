@@ -386,22 +386,7 @@ impl Head<'_> {
                 continue;
             }
             // out[block] = Σ over runs of P[:, run] · V[run]
-            for (index, run) in runs.runs.iter().enumerate() {
-                // SAFETY: `rows × runs.total` of P hold the run's columns, V rows `run.key..
-                // run.key + run.len` lie inside its buffer (checked extent), `rows ×
-                // value_dim` of out.
-                unsafe {
-                    product_into(
-                        block_out.as_mut_ptr(),
-                        self.value_dim,
-                        index > 0,
-                        runs.columns(&scores, rows, run),
-                        self.v.rows(run.key, run.len, self.value_dim),
-                        1.0,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            runs.sum_of_products(block_out, &scores, rows, &self.v, self.value_dim);
         }
     }
 
@@ -429,22 +414,8 @@ impl Head<'_> {
         let total = runs.total;
         let block_scores = &mut scores[..rows * total];
         // scores[:, run] = scale · Q[block] · K[run]ᵀ
-        for run in &runs.runs {
-            // SAFETY: Q rows `first..first + rows` and K rows of the run lie inside their
-            // buffers (`StridedTensor::new` checked the whole extent); the run's columns of
-            // `rows × total` scores.
-            unsafe {
-                product_into(
-                    block_scores[run.column..].as_mut_ptr(),
-                    total,
-                    false,
-                    self.q.rows(first, rows, self.dim),
-                    self.k.rows(run.key, run.len, self.dim).transposed(),
-                    self.scale,
-                    gemm::Parallelism::None,
-                );
-            }
-        }
+        let query_block = self.q.rows(first, rows, self.dim);
+        runs.products_by_key_rows(block_scores, query_block, &self.k, self.dim, self.scale);
         wide!({
             for (i, row) in block_scores.chunks_exact_mut(total).enumerate() {
                 if let Some(hidden) = rows_of(i) {
@@ -491,34 +462,11 @@ impl Head<'_> {
             let total = runs.total;
             let probs = &probs[..rows * total];
             let grad_scores = &mut grad_scores[..rows * total];
-            // SAFETY (all products): P and dS hold `rows × total`, a run's columns among them;
-            // Q, dO rows `first..first + rows` and K, V rows of a run lie inside their buffers
-            // (checked extents); the destinations hold a run's rows of dK/dV and `rows` rows of
-            // dQ.
-            for run in &runs.runs {
-                unsafe {
-                    // dV[run] += P[:, run]ᵀ · dO[block]
-                    product_into(
-                        grad_value[run.key * self.value_dim..].as_mut_ptr(),
-                        self.value_dim,
-                        true,
-                        runs.columns(probs, rows, run).transposed(),
-                        grad_output.rows(first, rows, self.value_dim),
-                        1.0,
-                        gemm::Parallelism::None,
-                    );
-                    // dP[:, run] = dO[block] · V[run]ᵀ
-                    product_into(
-                        grad_scores[run.column..].as_mut_ptr(),
-                        total,
-                        false,
-                        grad_output.rows(first, rows, self.value_dim),
-                        self.v.rows(run.key, run.len, self.value_dim).transposed(),
-                        1.0,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            // dV[run] += P[:, run]ᵀ · dO[block]
+            let grad_output_block = grad_output.rows(first, rows, self.value_dim);
+            runs.add_to_key_rows(grad_value, self.value_dim, probs, rows, grad_output_block);
+            // dP[:, run] = dO[block] · V[run]ᵀ
+            runs.products_by_key_rows(grad_scores, grad_output_block, &self.v, self.value_dim, 1.0);
             wide!({
                 for (i, (grad_row, prob_row)) in grad_scores
                     .chunks_exact_mut(total)
@@ -533,30 +481,11 @@ impl Head<'_> {
                     }
                 }
             });
-            for (index, run) in runs.runs.iter().enumerate() {
-                unsafe {
-                    // dQ[block] (+)= dS[:, run] · K[run]
-                    product_into(
-                        block_grad_query.as_mut_ptr(),
-                        self.dim,
-                        index > 0,
-                        runs.columns(grad_scores, rows, run),
-                        self.k.rows(run.key, run.len, self.dim),
-                        1.0,
-                        gemm::Parallelism::None,
-                    );
-                    // dK[run] += dS[:, run]ᵀ · Q[block]
-                    product_into(
-                        grad_key[run.key * self.dim..].as_mut_ptr(),
-                        self.dim,
-                        true,
-                        runs.columns(grad_scores, rows, run).transposed(),
-                        self.q.rows(first, rows, self.dim),
-                        1.0,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            // dQ[block] = Σ over runs of dS[:, run] · K[run]
+            runs.sum_of_products(block_grad_query, grad_scores, rows, &self.k, self.dim);
+            // dK[run] += dS[:, run]ᵀ · Q[block]
+            let query_block = self.q.rows(first, rows, self.dim);
+            runs.add_to_key_rows(grad_key, self.dim, grad_scores, rows, query_block);
         }
     }
 }
@@ -650,9 +579,100 @@ impl KeyRuns {
         self.total += end - first;
     }
 
+    /// `dst = Σ over runs of S[:, run] · X[run]`: `S` (`scores`) is `rows × total` with the runs'
+    /// columns, `X` the key-indexed matrix whose rows the runs select (`width` columns), `dst`
+    /// `rows × width` row-major.
+    fn sum_of_products(
+        &self,
+        dst: &mut [f32],
+        scores: &[f32],
+        rows: usize,
+        x: &Matrix,
+        width: usize,
+    ) {
+        assert!(dst.len() >= rows * width);
+        for (index, run) in self.runs.iter().enumerate() {
+            // SAFETY: `rows × total` of S hold the run's columns (checked above), X's rows
+            // `run.key..run.key + run.len` lie inside its buffer (`StridedTensor::new` checked
+            // the whole extent), `dst` holds `rows × width`.
+            unsafe {
+                product_into(
+                    dst.as_mut_ptr(),
+                    width,
+                    index > 0,
+                    self.columns(scores, rows, run),
+                    x.rows(run.key, run.len, width),
+                    1.0,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
+    /// `S[:, run] = scale · Y · X[run]ᵀ` for every run: `Y` is a `rows × width` block of the
+    /// block's queries, `X` the key-indexed matrix whose rows the runs select (`width` columns),
+    /// `S` (`scores`) `rows × total` with the runs' columns.
+    fn products_by_key_rows(
+        &self,
+        scores: &mut [f32],
+        y: Operand,
+        x: &Matrix,
+        width: usize,
+        scale: f32,
+    ) {
+        assert!(y.columns() == width && scores.len() >= y.rows() * self.total);
+        for run in &self.runs {
+            // SAFETY: the run's columns of the `rows × total` scores (checked above), `y` is
+            // valid for its extent (taken from a checked matrix), X's rows of the run lie inside
+            // its buffer (`StridedTensor::new` checked the whole extent).
+            unsafe {
+                product_into(
+                    scores[run.column..].as_mut_ptr(),
+                    self.total,
+                    false,
+                    y,
+                    x.rows(run.key, run.len, width).transposed(),
+                    scale,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
+    /// `grad[run] += S[:, run]ᵀ · Y` for every run: `S` (`scores`) is `rows × total` with the runs'
+    /// columns, `Y` a `rows × width` block of the block's queries, `grad` a key-indexed row-major
+    /// matrix of `width` columns.
+    fn add_to_key_rows(
+        &self,
+        grad: &mut [f32],
+        width: usize,
+        scores: &[f32],
+        rows: usize,
+        y: Operand,
+    ) {
+        assert!(y.rows() == rows && y.columns() == width);
+        for run in &self.runs {
+            let rows_of_run = &mut grad[run.key * width..(run.key + run.len) * width];
+            // SAFETY: `rows × total` of S hold the run's columns (checked in `columns`), `y` is
+            // valid for its extent (the caller took it from a checked matrix), the run's rows
+            // of `grad` were sliced above.
+            unsafe {
+                product_into(
+                    rows_of_run.as_mut_ptr(),
+                    width,
+                    true,
+                    self.columns(scores, rows, run).transposed(),
+                    y,
+                    1.0,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
     /// A run's columns of the `rows × total` row-major matrix `scores` as a product operand.
     fn columns(&self, scores: &[f32], rows: usize, run: &KeyRun) -> Operand {
-        debug_assert!(scores.len() >= rows * self.total && run.column + run.len <= self.total);
+        assert!(scores.len() >= rows * self.total && run.column + run.len <= self.total);
         Operand::new(
             scores[run.column..].as_ptr(),
             [rows, run.len],
