@@ -69,6 +69,11 @@ impl ModelError {
             message: err.to_string(),
         }
     }
+
+    /// Images given to a text-only model.
+    pub fn text_only() -> Self {
+        ModelError::Input("this model is text-only and cannot take images".into())
+    }
 }
 
 /// Shorthand result type of this crate.

@@ -100,9 +100,7 @@ impl Processor {
                 image_id,
                 &vec![per_image; n_images],
             )?),
-            None if n_images > 0 => Err(ModelError::Input(
-                "this model is text-only and cannot take images".into(),
-            )),
+            None if n_images > 0 => Err(ModelError::text_only()),
             None => Ok(ids),
         }
     }
@@ -136,9 +134,10 @@ impl Processor {
         if images.is_empty() {
             return Ok(None);
         }
-        let processor = self.image_processor.as_ref().ok_or_else(|| {
-            ModelError::Input("this model is text-only and cannot take images".into())
-        })?;
+        let processor = self
+            .image_processor
+            .as_ref()
+            .ok_or_else(ModelError::text_only)?;
         let mut data = Vec::new();
         let mut size = None;
         for path in images {

@@ -178,19 +178,13 @@ impl AnyModel {
         match self {
             AnyModel::Text(model, _) => {
                 if inputs.images.is_some() {
-                    return Err(ModelError::Input(
-                        "this model is text-only and cannot take images".into(),
-                    ));
+                    return Err(ModelError::text_only());
                 }
                 let embeds = model.embed(inputs.input_ids, device);
                 Ok(model.forward_embeds(embeds, inputs.attention_mask, cache))
             }
             AnyModel::Llava(model, _) => {
-                let features = match inputs.images {
-                    Some(Images::Pixels(pixels)) => Some(model.image_features(pixels)),
-                    Some(Images::Encoded(features)) => Some(features),
-                    None => None,
-                };
+                let features = inputs.images.map(|images| model.features_of(images));
                 let embeds = model.embeddings_with_features(inputs.input_ids, features, device)?;
                 Ok(model
                     .language_model

@@ -8,7 +8,7 @@ use crate::llava::model::Llava;
 use crate::nn::attention::PackedLayout;
 use crate::nn::linear::LinearLayers;
 use crate::packing::SharedPrefixPacking;
-use crate::registry::{Images, ModelInputs};
+use crate::registry::ModelInputs;
 use crate::text::model::{CausalLm, DecoderInputs};
 
 /// The parts of a vision-language model that are frozen, trained or adapted separately.
@@ -105,7 +105,8 @@ pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
     fn image_token_id(&self) -> Option<u32>;
 
     /// The features `[n, tokens, hidden]` the decoder takes for the images `pixels`, to pass as
-    /// [`Images::Encoded`] to several forward passes; an error for a text-only model.
+    /// [`Images::Encoded`](crate::registry::Images::Encoded) to several forward passes; an error
+    /// for a text-only model.
     fn encode_images(&self, pixels: Tensor<4>) -> Result<Tensor<3>>;
 
     /// This architecture's model out of a loaded checkpoint, or `None` for another architecture.
@@ -169,10 +170,6 @@ pub trait TrainableModel: Module + LinearLayers + Sized + Sync {
     fn module_renames() -> Vec<(&'static str, &'static str)>;
 }
 
-fn text_only() -> ModelError {
-    ModelError::Input("this model is text-only and cannot take images".into())
-}
-
 /// The decoder's inputs for rows as they are or packed.
 fn decoder_inputs<'a>(
     attention_mask: &'a [Vec<bool>],
@@ -224,7 +221,7 @@ impl TrainableModel for CausalLm {
         device: &Device,
     ) -> Result<Tensor<3>> {
         if inputs.images.is_some() {
-            return Err(text_only());
+            return Err(ModelError::text_only());
         }
         let embeds = self.embed(inputs.input_ids, device);
         let inputs = decoder_inputs(inputs.attention_mask, packed, outputs);
@@ -236,7 +233,7 @@ impl TrainableModel for CausalLm {
     }
 
     fn encode_images(&self, _pixels: Tensor<4>) -> Result<Tensor<3>> {
-        Err(text_only())
+        Err(ModelError::text_only())
     }
 
     fn from_any(model: crate::registry::AnyModel) -> Option<Self> {
@@ -294,10 +291,7 @@ impl TrainableModel for Llava {
         device: &Device,
     ) -> Result<Tensor<3>> {
         let features = inputs.images.map(|images| {
-            let once = match images {
-                Images::Pixels(pixels) => self.image_features(pixels),
-                Images::Encoded(features) => features,
-            };
+            let once = self.features_of(images);
             Tensor::cat(vec![once; copies.max(1)], 0)
         });
         let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;

@@ -1088,12 +1088,11 @@ fn preference_batch_loss<M: TrainableModel>(
         Some(pixels) if shares_images => Some(Images::Encoded(model.encode_images(pixels)?)),
         pixels => Images::pixels(pixels),
     };
-    let reference_images = |plain: &Device| -> Result<Option<Images>> {
-        Ok(match &policy_images {
-            Some(Images::Encoded(features)) => Some(Images::Encoded(features.clone().inner())),
-            _ => Images::pixels(context.processor.pixel_values(&batch.images, plain)?),
-        })
-    };
+    // The reference runs without autodiff: the policy's features, or its pixels to encode.
+    let reference_images = policy_images.clone().map(|images| match images {
+        Images::Encoded(features) => Images::Encoded(features.inner()),
+        Images::Pixels(pixels) => Images::Pixels(pixels.inner()),
+    });
     let policy_logits =
         model.target_logits(inputs(policy_images.clone()), 2, &positions, device)?;
     // DDPO: the token weights come from the host-side diff of each pair; the same forward
@@ -1113,8 +1112,8 @@ fn preference_batch_loss<M: TrainableModel>(
         let (reference_logps, reference_dense) = {
             let plain = device.clone().inner();
             let reference_of = |m: &M| -> Result<Vec<Tensor<1>>> {
-                let images = reference_images(&plain)?;
-                let logits = m.target_logits(inputs(images), 2, &positions, &plain)?;
+                let logits =
+                    m.target_logits(inputs(reference_images.clone()), 2, &positions, &plain)?;
                 Ok(crate::logprobs::weighted_sequence_logps(
                     logits,
                     &targets,

@@ -9,6 +9,7 @@ use super::config::{FeatureSelect, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
 use crate::nn::precision::to_dtype;
+use crate::registry::Images;
 use crate::text::config::Activation;
 use crate::text::model::{activate, CausalLm};
 use crate::vision::clip::ClipVisionModel;
@@ -135,6 +136,14 @@ impl Llava {
     pub fn image_features(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         self.multi_modal_projector
             .forward(self.select_vision_features(pixel_values))
+    }
+
+    /// The features of `images`: encoded here from pixels, or as already encoded.
+    pub fn features_of(&self, images: Images) -> Tensor<3> {
+        match images {
+            Images::Pixels(pixels) => self.image_features(pixels),
+            Images::Encoded(features) => features,
+        }
     }
 
     /// Text embeddings with image features placed at the image-token positions.
