@@ -604,6 +604,8 @@ pub(crate) mod tests {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));
+        // A directory left by an earlier run whose process had the same id would hold its files.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         for (name, v) in files {
             std::fs::write(dir.join(name), serde_json::to_string_pretty(v).unwrap()).unwrap();
