@@ -139,16 +139,14 @@ impl ClipVisionConfig {
     }
 }
 
-/// `norm.forward(x)` (`epsilon` is the norm's own: Burn keeps it private). A half-precision `x`
-/// is normalised in f32 from tensor operations and rounded back, as torch's LayerNorm does:
-/// Burn's module would run the CPU backend's fused kernel without autodiff and the composed
-/// default under it, whose last-bit differences in f32 round to different half values, so DPO's
-/// policy and adapters-off reference would disagree.
+/// `norm.forward(x)` (`epsilon` is the norm's own: Burn keeps it private), composed from tensor
+/// operations in f32 (a half-precision `x` is rounded back, as torch's LayerNorm does). Burn's
+/// module would run the CPU backend's fused kernel without autodiff and the composed default
+/// under it, which differ in the last bits: a policy that encodes its images under autodiff and
+/// a reference that encodes them without would then disagree at step 0, and a zero
+/// policy/reference margin would come out as ±1 ulp (which flips DPO's reward accuracy).
 fn layer_norm(norm: &LayerNorm, epsilon: f64, x: Tensor<3>) -> Tensor<3> {
     let dtype = x.dtype();
-    if dtype == DType::F32 {
-        return norm.forward(x);
-    }
     let x = to_dtype(x, DType::F32);
     let mean = x.clone().mean_dim(2);
     let centered = x - mean;
