@@ -445,12 +445,12 @@ impl Head<'_> {
                 block_out.fill(0.0);
                 continue;
             }
-            // P = E / sum, then out[block] = Σ over runs of P[:, run] · V[run]. (Dividing the
-            // output's rows instead would save this pass but round every output differently.)
-            let total = runs.total;
+            // out[block] = Σ over runs of E[:, run] · V[run], each row then divided by its sum
+            // (value_dim columns rather than every key's probability).
+            runs.sum_of_products(block_out, &exponentials, rows, &self.v, self.value_dim);
             wide!({
-                for (row, stats) in exponentials[..rows * total]
-                    .chunks_exact_mut(total)
+                for (row, stats) in block_out
+                    .chunks_exact_mut(self.value_dim)
                     .zip(block_statistics.chunks_exact(2))
                 {
                     let inverse_sum = stats[1];
@@ -459,7 +459,6 @@ impl Head<'_> {
                     }
                 }
             });
-            runs.sum_of_products(block_out, &exponentials, rows, &self.v, self.value_dim);
         }
     }
 
