@@ -31,20 +31,6 @@ pub fn attention_f32(
     mask: Option<&FlexTensor>,
     scale: f32,
 ) -> Option<FlexTensor> {
-    attention_with_statistics_f32(query, key, value, mask, scale).map(|(output, _)| output)
-}
-
-/// [`attention_f32`] and each query's softmax statistics, `[batch, heads, queries, 2]`: the
-/// largest visible score and the inverse of the sum of the exponentials (0 for a query that sees
-/// no key). Given to [`attention_backward_f32`], they spare it the softmax's reductions: it then
-/// recomputes each probability in one pass, to the same bits as this forward pass.
-pub fn attention_with_statistics_f32(
-    query: &FlexTensor,
-    key: &FlexTensor,
-    value: &FlexTensor,
-    mask: Option<&FlexTensor>,
-    scale: f32,
-) -> Option<(FlexTensor, FlexTensor)> {
     let shape = Shape::of(query, key, value)?;
     let mask = match mask {
         Some(mask) => Some(MaskView::new(mask, shape.score_dims())?),
@@ -59,31 +45,26 @@ pub fn attention_with_statistics_f32(
         StridedTensor::new(&value)?,
     );
     let mut output = zeroed(shape.output_len());
-    let mut statistics = zeroed(shape.statistics_len());
     if !shape.is_empty() {
         output
             .par_chunks_mut(shape.queries * shape.value_dim)
-            .zip(statistics.par_chunks_mut(shape.queries * 2))
             .enumerate()
-            .for_each(|(head_index, (out, head_statistics))| {
+            .for_each(|(head_index, out)| {
                 let (b, h) = (head_index / shape.heads, head_index % shape.heads);
                 let head = shape.head(&q, &k, &v, b, h, scale);
-                head.attend(out, head_statistics, mask.as_ref().map(|m| (m, b, h)));
+                head.attend(out, mask.as_ref().map(|m| (m, b, h)));
             });
     }
-    Some((
-        FlexTensor::from_data(TensorData::new(output, shape.output_dims())),
-        FlexTensor::from_data(TensorData::new(statistics, shape.statistics_dims())),
-    ))
+    Some(FlexTensor::from_data(TensorData::new(
+        output,
+        shape.output_dims(),
+    )))
 }
 
 /// The gradients `[dQ, dK, dV]` of [`attention_f32`] given its output `O` and the gradient `dO`
 /// of the loss with respect to it (both `[batch, heads, queries, value_dim]`). The probabilities
-/// are recomputed block by block, as in the forward pass, so no score-sized tensor is built;
-/// with the forward pass's `statistics` ([`attention_with_statistics_f32`]) in one pass per
-/// block instead of the softmax's three. Returns `None` for inputs the forward kernel would not
-/// take.
-#[allow(clippy::too_many_arguments)]
+/// are recomputed block by block, as in the forward pass, so no score-sized tensor is built.
+/// Returns `None` for inputs the forward kernel would not take.
 pub fn attention_backward_f32(
     query: &FlexTensor,
     key: &FlexTensor,
@@ -91,7 +72,6 @@ pub fn attention_backward_f32(
     mask: Option<&FlexTensor>,
     output: &FlexTensor,
     grad_output: &FlexTensor,
-    statistics: Option<&FlexTensor>,
     scale: f32,
 ) -> Option<[FlexTensor; 3]> {
     let shape = Shape::of(query, key, value)?;
@@ -101,17 +81,6 @@ pub fn attention_backward_f32(
             return None;
         }
     }
-    let statistics = match statistics {
-        Some(t) => {
-            let dims = shape.statistics_dims();
-            if t.dtype() != DType::F32 || t.layout().shape().as_slice() != dims.as_slice() {
-                return None;
-            }
-            Some(t.to_contiguous())
-        }
-        None => None,
-    };
-    let known_statistics = statistics.as_ref().map(|t| t.storage::<f32>());
     let mask = match mask {
         Some(mask) => Some(MaskView::new(mask, shape.score_dims())?),
         None => None,
@@ -149,14 +118,12 @@ pub fn attention_backward_f32(
             .for_each(|(head_index, ((dq, dk), dv))| {
                 let (b, h) = (head_index / heads, head_index % heads);
                 let head = shape.head(&q, &k, &v, b, h, scale);
-                let per_head = queries * 2;
-                let known = known_statistics
-                    .map(|all| &all[head_index * per_head..(head_index + 1) * per_head]);
                 head.gradients(
                     o.matrix(b, h),
                     grad_o.matrix(b, h),
-                    known,
-                    [dq, dk, dv],
+                    dq,
+                    dk,
+                    dv,
                     mask.as_ref().map(|m| (m, b, h)),
                 );
             });
@@ -247,15 +214,6 @@ impl Shape {
 
     fn output_len(&self) -> usize {
         self.output_dims().iter().product()
-    }
-
-    /// Per query: the largest visible score and the inverse of the sum of exponentials.
-    fn statistics_dims(&self) -> [usize; 4] {
-        [self.batch, self.heads, self.queries, 2]
-    }
-
-    fn statistics_len(&self) -> usize {
-        self.statistics_dims().iter().product()
     }
 
     /// The operands of query head `h` of batch entry `b`.
@@ -416,69 +374,34 @@ struct Head<'a> {
 }
 
 impl Head<'_> {
-    /// The head's output into `out` (`queries × value_dim`) and each query's softmax statistics
-    /// into `statistics` (`queries × 2`).
-    fn attend(
-        &self,
-        out: &mut [f32],
-        statistics: &mut [f32],
-        mask: Option<(&MaskView, usize, usize)>,
-    ) {
+    fn attend(&self, out: &mut [f32], mask: Option<(&MaskView, usize, usize)>) {
         let queries = out.len() / self.value_dim;
-        let mut exponentials = vec![0.0f32; QUERY_BLOCK.min(queries) * self.keys];
+        let mut scores = vec![0.0f32; QUERY_BLOCK.min(queries) * self.keys];
         let mut runs = KeyRuns::default();
         for first in (0..queries).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(queries - first);
             let block_out = &mut out[first * self.value_dim..(first + rows) * self.value_dim];
-            let block_statistics = &mut statistics[first * 2..(first + rows) * 2];
-            let computes_statistics = false;
-            let seen = self.exponentials(
-                first,
-                rows,
-                &mut exponentials,
-                &mut runs,
-                mask,
-                block_statistics,
-                computes_statistics,
-            );
-            if !seen {
+            if !self.probabilities(first, rows, &mut scores, &mut runs, mask) {
                 block_out.fill(0.0);
                 continue;
             }
-            // out[block] = Σ over runs of E[:, run] · V[run], each row then divided by its sum
-            // (value_dim columns rather than every key's probability).
-            runs.sum_of_products(block_out, &exponentials, rows, &self.v, self.value_dim);
-            wide!({
-                for (row, stats) in block_out
-                    .chunks_exact_mut(self.value_dim)
-                    .zip(block_statistics.chunks_exact(2))
-                {
-                    let inverse_sum = stats[1];
-                    for x in row.iter_mut() {
-                        *x *= inverse_sum;
-                    }
-                }
-            });
+            // out[block] = Σ over runs of P[:, run] · V[run]
+            runs.sum_of_products(block_out, &scores, rows, &self.v, self.value_dim);
         }
     }
 
-    /// The unnormalised probabilities `E = exp(scale · Q Kᵀ − row max)` (0 where hidden) of
-    /// queries `first..first + rows` over the keys the block may see, into `exponentials` as a
-    /// `rows × runs.total` matrix whose columns are the keys of `runs` (planned here) one run
-    /// after another; `false` when the block sees no key at all. `statistics` (`rows × 2`: row
-    /// max, inverse sum, 0 for a row that sees nothing) are computed here, or `known` from the
-    /// forward pass, which spares the two reductions. The forward and backward passes share it,
-    /// so the backward pass differentiates exactly the forward's numbers.
-    #[allow(clippy::too_many_arguments)]
-    fn exponentials(
+    /// The probabilities of queries `first..first + rows` over the keys the block may see, into
+    /// `scores` as a `rows × runs.total` matrix whose columns are the keys of `runs` (planned
+    /// here) one run after another; `false` when the block sees no key at all. Forward and
+    /// backward passes share it, so the backward pass differentiates exactly the forward's
+    /// numbers.
+    fn probabilities(
         &self,
         first: usize,
         rows: usize,
-        exponentials: &mut [f32],
+        scores: &mut [f32],
         runs: &mut KeyRuns,
         mask: Option<(&MaskView, usize, usize)>,
-        statistics: &mut [f32],
-        known: bool,
     ) -> bool {
         let rows_of = |i: usize| mask.map(|(m, b, h)| m.row(b, h, first + i, self.keys));
         match mask {
@@ -486,118 +409,75 @@ impl Head<'_> {
             Some(_) => runs.plan((0..rows).filter_map(rows_of)),
         }
         if runs.total == 0 {
-            for stats in statistics.chunks_exact_mut(2) {
-                stats.copy_from_slice(&[f32::NEG_INFINITY, 0.0]);
-            }
             return false;
         }
         let total = runs.total;
-        let block = &mut exponentials[..rows * total];
+        let block_scores = &mut scores[..rows * total];
         // scores[:, run] = scale · Q[block] · K[run]ᵀ
         let query_block = self.q.rows(first, rows, self.dim);
-        runs.products_by_key_rows(block, query_block, &self.k, self.dim, self.scale);
+        runs.products_by_key_rows(block_scores, query_block, &self.k, self.dim, self.scale);
         wide!({
-            for (i, (row, stats)) in block
-                .chunks_exact_mut(total)
-                .zip(statistics.chunks_exact_mut(2))
-                .enumerate()
-            {
-                let hidden = rows_of(i);
-                if known {
-                    let (max, inverse_sum) = (stats[0], stats[1]);
-                    if inverse_sum == 0.0 {
-                        row.fill(0.0);
-                    } else {
-                        exponentiate_visible(row, hidden, &runs.runs, max);
+            for (i, row) in block_scores.chunks_exact_mut(total).enumerate() {
+                if let Some(hidden) = rows_of(i) {
+                    for run in &runs.runs {
+                        let columns = &mut row[run.column..run.column + run.len];
+                        for (s, &m) in columns.iter_mut().zip(&hidden[run.key..run.key + run.len]) {
+                            *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                        }
                     }
-                    continue;
                 }
-                let max = hide_and_max(row, hidden, &runs.runs);
-                if max == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    stats.copy_from_slice(&[max, 0.0]);
-                } else {
-                    let sum = exponentiate(row, max);
-                    stats.copy_from_slice(&[max, 1.0 / sum]);
-                }
+                softmax_in_place(row);
             }
         });
         true
     }
 
-    /// One head's gradients, flash attention's backward pass block by block: with `P = E / sum`
-    /// recomputed, `dV += Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`,
-    /// `dK += dSᵀ Q`; the division by the row sums is folded into `dO`'s rows and into `dS`.
+    /// One head's gradients, flash attention's backward pass block by block: with P recomputed,
+    /// `dV += Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK += dSᵀ Q`.
     /// `grad_query` is `queries × dim`, `grad_key` `keys × dim` and `grad_value` `keys ×
     /// value_dim`, all row-major; the key and value gradients are accumulated into (zeroed by
-    /// the caller). `known` holds the forward pass's statistics (`queries × 2`), if given.
+    /// the caller).
+    #[allow(clippy::too_many_arguments)]
     fn gradients(
         &self,
         output: Matrix,
         grad_output: Matrix,
-        known: Option<&[f32]>,
-        [grad_query, grad_key, grad_value]: [&mut [f32]; 3],
+        grad_query: &mut [f32],
+        grad_key: &mut [f32],
+        grad_value: &mut [f32],
         mask: Option<(&MaskView, usize, usize)>,
     ) {
         let queries = grad_query.len() / self.dim;
         let block = QUERY_BLOCK.min(queries);
-        let mut exponentials = vec![0.0f32; block * self.keys];
+        let mut probs = vec![0.0f32; block * self.keys];
         let mut grad_scores = vec![0.0f32; block * self.keys];
-        let mut scaled_grad_output = vec![0.0f32; block * self.value_dim];
-        let mut statistics = match known {
-            Some(known) => known.to_vec(),
-            None => vec![0.0f32; queries * 2],
-        };
         let mut runs = KeyRuns::default();
         for first in (0..queries).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(queries - first);
             let block_grad_query = &mut grad_query[first * self.dim..(first + rows) * self.dim];
-            let block_statistics = &mut statistics[first * 2..(first + rows) * 2];
-            let seen = self.exponentials(
-                first,
-                rows,
-                &mut exponentials,
-                &mut runs,
-                mask,
-                block_statistics,
-                known.is_some(),
-            );
-            if !seen {
+            if !self.probabilities(first, rows, &mut probs, &mut runs, mask) {
                 block_grad_query.fill(0.0);
                 continue;
             }
             let total = runs.total;
-            let exponentials = &exponentials[..rows * total];
+            let probs = &probs[..rows * total];
             let grad_scores = &mut grad_scores[..rows * total];
-            let scaled_grad_output = &mut scaled_grad_output[..rows * self.value_dim];
-            for (i, (scaled, stats)) in scaled_grad_output
-                .chunks_exact_mut(self.value_dim)
-                .zip(block_statistics.chunks_exact(2))
-                .enumerate()
-            {
-                for (c, x) in scaled.iter_mut().enumerate() {
-                    *x = grad_output.at(first + i, c) * stats[1];
-                }
-            }
-            // dV[run] += E[:, run]ᵀ · (dO[block] / sum)
-            let scaled_block = Operand::row_major(scaled_grad_output, rows, self.value_dim);
-            runs.add_to_key_rows(grad_value, self.value_dim, exponentials, rows, scaled_block);
-            // dP[:, run] = dO[block] · V[run]ᵀ
+            // dV[run] += P[:, run]ᵀ · dO[block]
             let grad_output_block = grad_output.rows(first, rows, self.value_dim);
+            runs.add_to_key_rows(grad_value, self.value_dim, probs, rows, grad_output_block);
+            // dP[:, run] = dO[block] · V[run]ᵀ
             runs.products_by_key_rows(grad_scores, grad_output_block, &self.v, self.value_dim, 1.0);
             wide!({
-                for (i, ((grad_row, row), stats)) in grad_scores
+                for (i, (grad_row, prob_row)) in grad_scores
                     .chunks_exact_mut(total)
-                    .zip(exponentials.chunks_exact(total))
-                    .zip(block_statistics.chunks_exact(2))
+                    .zip(probs.chunks_exact(total))
                     .enumerate()
                 {
                     let row_dot = (0..self.value_dim)
                         .map(|c| grad_output.at(first + i, c) * output.at(first + i, c))
                         .sum::<f32>();
-                    let factor = stats[1] * self.scale;
-                    for (g, &e) in grad_row.iter_mut().zip(row) {
-                        *g = e * (*g - row_dot) * factor;
+                    for (g, &p) in grad_row.iter_mut().zip(prob_row) {
+                        *g = p * (*g - row_dot) * self.scale;
                     }
                 }
             });
@@ -847,95 +727,41 @@ fn last_zero(bytes: &[u8]) -> Option<usize> {
     chunks.remainder().iter().rposition(|&b| b == 0)
 }
 
-/// Sets the row's hidden scores (`hidden`, indexed by key, through the block's `runs`) to
-/// `-inf` and returns the row's largest score, in one pass.
+/// Softmax of one row in place; a row of `-inf` (no visible key) becomes zeros.
 #[inline(always)]
-fn hide_and_max(row: &mut [f32], hidden: Option<&[u8]>, runs: &[KeyRun]) -> f32 {
-    // Eight partial maxima: a loop that vectorises (the maximum does not depend on the order).
-    let mut partial = [f32::NEG_INFINITY; 8];
-    let mut fold = |x: f32, lane: usize| {
-        partial[lane] = if x > partial[lane] { x } else { partial[lane] };
-    };
-    match hidden {
-        None => {
-            let mut chunks = row.chunks_exact(8);
-            for chunk in &mut chunks {
-                for (lane, &x) in chunk.iter().enumerate() {
-                    fold(x, lane);
-                }
-            }
-            for &x in chunks.remainder() {
-                fold(x, 0);
-            }
-        }
-        Some(hidden) => {
-            for run in runs {
-                let columns = &mut row[run.column..run.column + run.len];
-                let flags = &hidden[run.key..run.key + run.len];
-                let mut chunks = columns.chunks_exact_mut(8);
-                let mut flag_chunks = flags.chunks_exact(8);
-                for (chunk, flag_chunk) in (&mut chunks).zip(&mut flag_chunks) {
-                    for (lane, (x, &h)) in chunk.iter_mut().zip(flag_chunk).enumerate() {
-                        *x = if h != 0 { f32::NEG_INFINITY } else { *x };
-                        fold(*x, lane);
-                    }
-                }
-                for (x, &h) in chunks
-                    .into_remainder()
-                    .iter_mut()
-                    .zip(flag_chunks.remainder())
-                {
-                    *x = if h != 0 { f32::NEG_INFINITY } else { *x };
-                    fold(*x, 0);
-                }
-            }
-        }
-    }
-    partial
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-}
-
-/// `x ← exp(x − max)` over the row (hidden scores are `-inf` and give 0); returns the sum, in a
-/// fixed order (eight partial sums, then the tail).
-#[inline(always)]
-fn exponentiate(row: &mut [f32], max: f32) -> f32 {
-    let mut partial = [0.0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
+fn softmax_in_place(row: &mut [f32]) {
+    // Eight partial maxima and sums: a fixed order (deterministic) that vectorises.
+    let mut partial_max = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
     for chunk in &mut chunks {
-        for (p, x) in partial.iter_mut().zip(chunk.iter_mut()) {
-            *x = exp_nonpositive(*x - max);
-            *p += *x;
+        for (m, &x) in partial_max.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    let mut tail = 0.0f32;
-    for x in chunks.into_remainder() {
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&partial_max)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    for x in row.iter_mut() {
         *x = exp_nonpositive(*x - max);
-        tail += *x;
     }
-    partial.iter().sum::<f32>() + tail
-}
-
-/// The forward pass's exponentials again from the raw scores and the known row `max`: hidden
-/// keys 0, the others `exp(x − max)`, in one pass (the same bits as [`hide_and_max`] followed by
-/// [`exponentiate`]: `exp_nonpositive(-inf)` is +0).
-#[inline(always)]
-fn exponentiate_visible(row: &mut [f32], hidden: Option<&[u8]>, runs: &[KeyRun], max: f32) {
-    match hidden {
-        None => {
-            for x in row.iter_mut() {
-                *x = exp_nonpositive(*x - max);
-            }
+    let mut partial = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (p, &x) in partial.iter_mut().zip(chunk) {
+            *p += x;
         }
-        Some(hidden) => {
-            for run in runs {
-                let columns = &mut row[run.column..run.column + run.len];
-                for (x, &h) in columns.iter_mut().zip(&hidden[run.key..run.key + run.len]) {
-                    let e = exp_nonpositive(*x - max);
-                    *x = if h != 0 { 0.0 } else { e };
-                }
-            }
-        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    let sum = partial.iter().sum::<f32>() + tail;
+    let inverse = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inverse;
     }
 }
 
@@ -1038,28 +864,9 @@ mod tests {
         let grad_output = random([batch, queries, heads, value_dim], 7).transpose(1, 2);
         let mask =
             hidden.map(|h| FlexTensor::from_data(TensorData::new(h, [batch, 1, queries, keys])));
-        let (output, statistics) =
-            attention_with_statistics_f32(&q, &k, &v, mask.as_ref(), scale).expect("f32 inputs");
-        let backward = |statistics: Option<&FlexTensor>| {
-            let m = mask.as_ref();
-            attention_backward_f32(&q, &k, &v, m, &output, &grad_output, statistics, scale)
-                .expect("f32 inputs")
-                .map(values)
-        };
-        // With the forward pass's statistics and without them (recomputed): the same bits.
-        let ours = backward(Some(&statistics));
-        assert_eq!(
-            ours.iter()
-                .flatten()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            backward(None)
-                .iter()
-                .flatten()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>(),
-            "gradients with and without the forward statistics"
-        );
+        let output = attention_f32(&q, &k, &v, mask.as_ref(), scale).expect("f32 inputs");
+        let ours = attention_backward_f32(&q, &k, &v, mask.as_ref(), &output, &grad_output, scale)
+            .expect("f32 inputs");
 
         let group = heads / kv_heads;
         let repeat = |t: FlexTensor, d: usize| {
@@ -1103,6 +910,7 @@ mod tests {
             sum_groups(ref_value, value_dim),
         ];
         for ((name, ours), expected) in ["query", "key", "value"].iter().zip(ours).zip(expected) {
+            let ours = values(ours);
             assert_eq!(ours.len(), expected.len(), "{name} gradient size");
             let worst = ours
                 .iter()

@@ -4,8 +4,7 @@
 //! intermediate `[batch, heads, queries, keys]` tensor of the score matrix and its softmax (two
 //! or three of them per layer) until the backward pass, and runs a dozen element-wise passes over
 //! them. This operation instead runs the backend's own attention kernel forward and keeps only
-//! its inputs and output (and, from the CPU kernel, each query's softmax maximum and inverse
-//! sum: two numbers); the backward pass recomputes the probabilities one layer at a time, as
+//! its inputs and output; the backward pass recomputes the probabilities one layer at a time, as
 //! flash attention's backward does:
 //!
 //! ```text
@@ -107,19 +106,6 @@ fn flex_attention(
 /// output. The default composes it from the backend's tensor operations (one score-sized tensor
 /// at a time); a backend with a fused kernel overrides it.
 pub trait AttentionGradients: Backend {
-    /// The forward pass of a tracked call, with whatever the backend's kernel keeps for its
-    /// backward pass (its softmax statistics); `None` runs the plain forward pass and keeps
-    /// nothing more.
-    fn attention_with_statistics(
-        _query: FloatTensor<Self>,
-        _key: FloatTensor<Self>,
-        _value: FloatTensor<Self>,
-        _mask: Option<BoolTensor<Self>>,
-        _scale: f64,
-    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
-        None
-    }
-
     fn attention_gradients(
         state: AttentionState<Self>,
         grad_output: FloatTensor<Self>,
@@ -129,27 +115,8 @@ pub trait AttentionGradients: Backend {
 }
 
 impl AttentionGradients for Flex {
-    /// Resonance's block kernel for f32 (`cpu_attention`), which also gives each query's softmax
-    /// maximum and inverse sum.
-    fn attention_with_statistics(
-        query: FloatTensor<Self>,
-        key: FloatTensor<Self>,
-        value: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        scale: f64,
-    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
-        crate::nn::cpu_attention::attention_with_statistics_f32(
-            &query,
-            &key,
-            &value,
-            mask.as_ref(),
-            scale as f32,
-        )
-    }
-
     /// Resonance's block kernel for f32 (`cpu_attention`): the probabilities, their gradient
-    /// and the products run block by block without a score-sized tensor; with the forward
-    /// pass's statistics, the probabilities take one pass instead of the softmax's three.
+    /// and the products run block by block without a score-sized tensor.
     fn attention_gradients(
         state: AttentionState<Self>,
         grad_output: FloatTensor<Self>,
@@ -161,7 +128,6 @@ impl AttentionGradients for Flex {
             state.mask.as_ref(),
             &state.output,
             &grad_output,
-            state.statistics.as_ref(),
             state.scale as f32,
         );
         fused.unwrap_or_else(|| composed_gradients::<Self>(state, grad_output))
@@ -227,16 +193,9 @@ fn tracked_attention<B: RecomputingAttention + AttentionGradients, C: Checkpoint
                 key.into_primitive(),
                 value.into_primitive(),
             );
-            let (q_, k_, v_, mask_) = (q.clone(), k.clone(), v.clone(), mask.clone());
-            let (out, statistics) = match B::attention_with_statistics(q_, k_, v_, mask_, scale) {
-                Some((out, statistics)) => (out, Some(statistics)),
-                None => (
-                    extension_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale),
-                    None,
-                ),
-            };
-            let mut state = AttentionState::new([q, k, v], mask, out.clone(), scale);
-            state.statistics = statistics;
+            let out =
+                extension_attention::<B>(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
+            let state = AttentionState::new([q, k, v], mask, out.clone(), scale);
             prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(extension_attention::<B>(
@@ -260,9 +219,6 @@ pub struct AttentionState<B: Backend> {
     value: FloatTensor<B>,
     mask: Option<BoolTensor<B>>,
     output: FloatTensor<B>,
-    /// The forward kernel's softmax statistics, when it has them
-    /// ([`AttentionGradients::attention_with_statistics`]).
-    statistics: Option<FloatTensor<B>>,
     scale: f64,
 }
 
@@ -279,7 +235,6 @@ impl<B: Backend> AttentionState<B> {
             value,
             mask,
             output,
-            statistics: None,
             scale,
         }
     }
@@ -327,7 +282,6 @@ pub(crate) fn composed_gradients<B: Backend>(
         mask,
         output,
         scale,
-        ..
     } = state;
     let probs = attention_probabilities::<B>(query.clone(), key.clone(), mask, scale);
     let grad_value = B::float_matmul(B::float_swap_dims(probs.clone(), 2, 3), grad_output.clone());
