@@ -83,30 +83,40 @@ fn dynamic_rope_logits_match_transformers() {
 }
 
 /// DPO's policy runs under autodiff and its reference without; a reference that encodes its own
-/// images (a frozen copy while the projector trains, a named reference) must give the policy's
-/// logits to the bit at step 0, or a zero margin comes out as ±1 ulp and flips the reward
-/// accuracy. Every parameter of the tracked model requires gradients, so every operation takes
-/// its autodiff path.
+/// images (a frozen copy while the projector trains, a named reference) or a frozen copy of a
+/// fully trained text model must give the policy's logits to the bit at step 0, or a zero margin
+/// comes out as ±1 ulp and flips the reward accuracy. Every parameter of the tracked model
+/// requires gradients, so every operation takes its autodiff path.
 #[test]
-fn llava_logits_under_autodiff_equal_the_plain_ones_to_the_bit() {
-    let dir = fixtures().join("tiny-llava");
-    let expected = read_tensors(&dir.join("expected.safetensors"));
+fn logits_under_autodiff_equal_the_plain_ones_to_the_bit() {
     let plain = Device::flex();
-    let bits = |device: &Device| -> Vec<u32> {
-        let model = AnyModel::load(&dir, device).expect("tiny-llava loads");
-        let logits = fixture_logits(&model, &expected, device).expect("logits");
-        host(logits).into_iter().map(f32::to_bits).collect()
-    };
-    let (plain_bits, tracked_bits) = (bits(&plain), bits(&plain.clone().autodiff()));
-    let differing = plain_bits
-        .iter()
-        .zip(&tracked_bits)
-        .filter(|(a, b)| a != b)
-        .count();
-    assert_eq!(
-        differing,
-        0,
-        "{differing} of {} logits differ",
-        plain_bits.len()
-    );
+    for name in [
+        "tiny-llava",
+        "tiny-llava-full",
+        "tiny-llama",
+        "tiny-llama3-rope",
+        "tiny-mistral",
+        "tiny-qwen2",
+    ] {
+        let dir = fixtures().join(name);
+        let expected = read_tensors(&dir.join("expected.safetensors"));
+        let bits = |device: &Device| -> Vec<u32> {
+            let model = AnyModel::load(&dir, device).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let logits =
+                fixture_logits(&model, &expected, device).unwrap_or_else(|e| panic!("{name}: {e}"));
+            host(logits).into_iter().map(f32::to_bits).collect()
+        };
+        let (plain_bits, tracked_bits) = (bits(&plain), bits(&plain.clone().autodiff()));
+        let differing = plain_bits
+            .iter()
+            .zip(&tracked_bits)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{name}: {differing} of {} logits differ",
+            plain_bits.len()
+        );
+    }
 }
