@@ -757,18 +757,13 @@ mod tests {
         std::fs::write(dir.join(name), text).unwrap();
     }
 
+    /// A fresh, empty directory of its own (kept after the test, as its files are small).
     fn temp_dir() -> std::path::PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "resonance-core-ct-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        // A directory left by an earlier run whose process had the same id would hold its files.
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        tempfile::Builder::new()
+            .prefix("resonance-core-ct-")
+            .tempdir()
+            .unwrap()
+            .keep()
     }
 
     #[test]

@@ -597,16 +597,12 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn write_dir(files: &[(&str, Value)]) -> PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "resonance-core-tok-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        // A directory left by an earlier run whose process had the same id would hold its files.
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        // A fresh, empty directory of its own (kept after the test, as its files are small).
+        let dir = tempfile::Builder::new()
+            .prefix("resonance-core-tok-")
+            .tempdir()
+            .unwrap()
+            .keep();
         for (name, v) in files {
             std::fs::write(dir.join(name), serde_json::to_string_pretty(v).unwrap()).unwrap();
         }
