@@ -183,13 +183,7 @@ impl AnyModel {
                 let embeds = model.embed(inputs.input_ids, device);
                 Ok(model.forward_embeds(embeds, inputs.attention_mask, cache))
             }
-            AnyModel::Llava(model, _) => {
-                let features = inputs.images.map(|images| model.features_of(images));
-                let embeds = model.embeddings_with_features(inputs.input_ids, features, device)?;
-                Ok(model
-                    .language_model
-                    .forward_embeds(embeds, inputs.attention_mask, cache))
-            }
+            AnyModel::Llava(model, _) => model.forward(inputs, cache, device),
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use resonance_models::llava::model::{Llava, LlavaInputs};
-use resonance_models::registry::AnyModel;
+use resonance_models::llava::model::Llava;
+use resonance_models::registry::{AnyModel, Images, ModelInputs};
 use resonance_train::checkpoint::attach_peft_adapter;
 use safetensors::SafeTensors;
 
@@ -59,10 +59,10 @@ fn logits(model: &Llava, e: &Expected, device: &Device) -> Vec<f32> {
     let mask = [vec![true; e.ids.len()]];
     let out = model
         .forward(
-            &LlavaInputs {
+            ModelInputs {
                 input_ids: &ids,
                 attention_mask: &mask,
-                pixel_values: Some(e.pixels.clone()),
+                images: Some(Images::Pixels(e.pixels.clone())),
             },
             None,
             device,

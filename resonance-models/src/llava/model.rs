@@ -9,7 +9,7 @@ use super::config::{FeatureSelect, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::attention::KvCache;
 use crate::nn::precision::to_dtype;
-use crate::registry::Images;
+use crate::registry::{Images, ModelInputs};
 use crate::text::config::Activation;
 use crate::text::model::{activate, CausalLm};
 use crate::vision::clip::ClipVisionModel;
@@ -54,17 +54,6 @@ pub struct Llava {
 
 struct LlavaIdsOnly<'a> {
     input_ids: &'a [Vec<u32>],
-}
-
-/// A batch as the model consumes it.
-pub struct LlavaInputs<'a> {
-    /// Token ids `[b][t]` with each `<image>` already expanded to `tokens_per_image` copies.
-    pub input_ids: &'a [Vec<u32>],
-    /// `true` for real tokens.
-    pub attention_mask: &'a [Vec<bool>],
-    /// Pixels `[n_images, 3, h, w]` in the order the image tokens appear (row-major over the
-    /// batch), or `None` for a text-only batch.
-    pub pixel_values: Option<Tensor<4>>,
 }
 
 impl Llava {
@@ -146,12 +135,6 @@ impl Llava {
         }
     }
 
-    /// Text embeddings with image features placed at the image-token positions.
-    pub fn merged_embeddings(&self, inputs: &LlavaInputs, device: &Device) -> Result<Tensor<3>> {
-        let features = inputs.pixel_values.clone().map(|p| self.image_features(p));
-        self.embeddings_with_features(inputs.input_ids, features, device)
-    }
-
     /// Text embeddings with already computed image `features` (`[n, tokens, hidden]`, in the
     /// row-major order of the image tokens) placed at the image-token positions.
     pub fn embeddings_with_features(
@@ -224,14 +207,17 @@ impl Llava {
         Ok(table.select(0, index).reshape([b, t, hidden]))
     }
 
-    /// Logits `[b, t, vocab]` for a batch; with a cache this is the prefill of generation.
+    /// Logits `[b, t, vocab]` for a batch (`input_ids` with each `<image>` already expanded to
+    /// `tokens_per_image` copies, the images in the order their tokens appear); with a cache
+    /// this is the prefill of generation.
     pub fn forward(
         &self,
-        inputs: &LlavaInputs,
+        inputs: ModelInputs,
         cache: Option<&mut KvCache>,
         device: &Device,
     ) -> Result<Tensor<3>> {
-        let embeds = self.merged_embeddings(inputs, device)?;
+        let features = inputs.images.map(|images| self.features_of(images));
+        let embeds = self.embeddings_with_features(inputs.input_ids, features, device)?;
         Ok(self
             .language_model
             .forward_embeds(embeds, inputs.attention_mask, cache))
